@@ -744,16 +744,48 @@ def _cell_ops(ops, ktrans, a, b, first_only):
 
 
 def count_alignments(ops, ktrans, first_only):
-    """Number of cheapest alignment paths from (n, m) back to (0, 0), visiting only the cells
-    reachable from (n, m) (a float: it can be astronomically large)."""
+    """Number of cheapest alignment paths from (n, m) back to (0, 0) (a float: it can be
+    astronomically large, and inf is a fine answer). Walks only the cells reachable from (n, m);
+    when that region turns out large (exploding alignments) it counts over the whole matrix one
+    anti-diagonal at a time instead."""
     n, m = ops.shape[0] - 1, ops.shape[1] - 1
+    limit = 8 * (n + m + 2)
+    visited = 0
     by_diagonal = {n + m: {(n, m): 1.0}}
     for d in range(n + m, 0, -1):
-        for (a, b), c in by_diagonal.pop(d, {}).items():
+        bucket_d = by_diagonal.pop(d, {})
+        visited += len(bucket_d)
+        if visited > limit:
+            return _count_alignments_dense(ops, ktrans, first_only)
+        for (a, b), c in bucket_d.items():
             for _, pa, pb in _cell_ops(ops, ktrans, a, b, first_only):
                 bucket = by_diagonal.setdefault(pa + pb, {})
                 bucket[(pa, pb)] = bucket.get((pa, pb), 0.0) + c
     return by_diagonal.get(0, {}).get((0, 0), 0.0)
+
+
+def _count_alignments_dense(ops, ktrans, first_only):
+    """Paths from (0, 0) to every cell, one anti-diagonal at a time (vectorised)."""
+    n, m = ops.shape[0] - 1, ops.shape[1] - 1
+    mask = ops
+    if first_only:  # only the first op in upstream's order T, S, I, D (M always stands alone)
+        first = np.zeros_like(ops)
+        for bit in (OP_D, OP_I, OP_S, OP_T):
+            first = np.where(ops & bit, bit, first)
+        mask = np.where(ops & OP_M, OP_M, first)
+    back = np.maximum(ktrans - 1, 0)  # a transposition of K tokens jumps back K cells diagonally
+    count = np.zeros((n + 2, m + 2))  # offset by one: count[a + 1, b + 1] is cell (a, b)
+    count[1, 1] = 1.0
+    with np.errstate(over="ignore", invalid="ignore"):
+        for d in range(1, n + m + 1):
+            a = np.arange(max(0, d - m), min(n, d) + 1)
+            b = d - a
+            mk, kk = mask[a, b], back[a, b]
+            count[a + 1, b + 1] = (np.where(mk & (OP_M | OP_S), count[a, b], 0.0)
+                                   + np.where(mk & OP_I, count[a + 1, b], 0.0)
+                                   + np.where(mk & OP_D, count[a, b + 1], 0.0)
+                                   + np.where(mk & OP_T, count[a - kk, b - kk], 0.0))
+    return float(count[n + 1, m + 1])
 
 
 def enumerate_alignments(ops, ktrans, first_only):
@@ -906,10 +938,14 @@ def edit_key(edit, tgt):
 # Upstream's annotation of one sentence is killed after 10 s. Its time is dominated by (1) the
 # transposition scan, where every window comparison rebuilds the token lists (~len(src)+len(tgt)
 # operations), and (2) walking and merging every cheapest alignment (~path length each). We count
-# both in "token operations" and call a sentence timed out above this budget, calibrated so that
-# the published 2-1 scores are reproduced (tests/test_lawbench_published.py).
-CHERRANT_WORK_BUDGET = 2.0e8
-PATH_WEIGHT = 40  # one path step (recursion + list copy + merge) costs about this many token ops
+# both in "token operations" and call a sentence timed out above a fixed budget. Calibration
+# against LawBench's published 2-1 scores (9 model/setting pairs in ../shared/lawbench): the 8
+# pairs other than chatglm2-6b zero-shot are reproduced for any budget in [1.7e8, 7e8] (path
+# weight 1..40); chatglm2-6b, with ~150 sentences whose alignments explode, is reproduced only in
+# a thin band (budget ~1.6e8-2.0e8 with weight ~8-12, budget/weight ~ 1.7e7). We use its centre.
+# The rule is deterministic: the same predictions always get the same score, on any machine.
+CHERRANT_WORK_BUDGET = 1.72e8
+PATH_WEIGHT = 10  # one alignment-path step (recursion, list copy, merge) in token operations
 
 
 def cherrant_annotate(src_text, tgt_text):
@@ -928,6 +964,8 @@ def cherrant_annotate(src_text, tgt_text):
     ops, ktrans, iters = cherrant_align(src, tgt)
     first_only = abs(len(src) - len(tgt)) > 10  # upstream keeps one alignment for very unequal lengths
     work = float(iters.sum()) * (len(src) + len(tgt))
+    if work > CHERRANT_WORK_BUDGET:
+        return None, work, True
     n_paths = count_alignments(ops, ktrans, first_only)
     work += n_paths * (len(src) + len(tgt)) * PATH_WEIGHT
     if work > CHERRANT_WORK_BUDGET:

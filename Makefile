@@ -1,0 +1,23 @@
+# Two commands for a fresh machine:  make demo   and   make test
+# Both create .venv/ with CPU torch and requirements.txt on first use.
+PY := .venv/bin/python
+VENV_STAMP := .venv/.installed
+
+$(VENV_STAMP): requirements.txt
+	python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -r requirements.txt
+	touch $(VENV_STAMP)
+
+venv: $(VENV_STAMP)
+
+# The demo: score the bundled sample of LawBench predictions (two published models, 50 items per
+# task) exactly as LawBench's scorer does; tables on stdout, files in results/demo/.
+demo: $(VENV_STAMP)
+	$(PY) evaluate.py score --predictions lawbench_assets/sample_predictions --setting zero_shot --out results/demo
+
+test: $(VENV_STAMP)
+	$(PY) -m pytest -q tests
+
+.PHONY: venv demo test

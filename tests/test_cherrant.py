@@ -1,0 +1,166 @@
+"""Task 2-1: our char-level ChERRANT against a literal, slow implementation of its alignment
+rules, and the behaviours of the official annotator the published scores depend on."""
+import random
+
+import numpy as np
+import pytest
+
+import evaluate as E
+
+
+def literal_alignment(src, tgt):
+    """ChERRANT's alignment, written the slow, obvious way: per cell, substitution / insertion /
+    deletion, and a transposition found by scanning k = 1, 2, ... back along the diagonal while the
+    diagonal cost changes, comparing sorted windows. Returns {(a, b): (set of ops, k+1 or 0)}."""
+    n, m = len(src), len(tgt)
+    vocab_s, vocab_t = sorted(set(src)), sorted(set(tgt))
+    table = E.substitution_costs(vocab_s, vocab_t)
+    sub = {(a, b): table[i, j] for i, a in enumerate(vocab_s) for j, b in enumerate(vocab_t)}
+    cost = [[0.0] * (m + 1) for _ in range(n + 1)]
+    for i in range(1, n + 1):
+        cost[i][0] = cost[i - 1][0] + 1
+    for j in range(1, m + 1):
+        cost[0][j] = cost[0][j - 1] + 1
+    out = {}
+    for i in range(n):
+        for j in range(m):
+            if src[i] == tgt[j]:
+                cost[i + 1][j + 1] = cost[i][j]
+                out[i + 1, j + 1] = ({"M"}, 0)
+                continue
+            options = {"S": cost[i][j] + sub[src[i], tgt[j]], "I": cost[i + 1][j] + 1, "D": cost[i][j + 1] + 1}
+            k, klen = 1, 0
+            while i - k >= 0 and j - k >= 0 and cost[i - k + 1][j - k + 1] != cost[i - k][j - k]:
+                if sorted(src[i - k:i + 1]) == sorted(tgt[j - k:j + 1]):
+                    options["T"] = cost[i - k][j - k] + k
+                    klen = k + 1
+                    break
+                k += 1
+            best = min(options.values())
+            cost[i + 1][j + 1] = best
+            ops = {name for name, c in options.items() if c == best}
+            out[i + 1, j + 1] = (ops, klen if "T" in ops else 0)
+    return out
+
+
+def decode(ops, ktrans):
+    names = {E.OP_M: "M", E.OP_S: "S", E.OP_I: "I", E.OP_D: "D", E.OP_T: "T"}
+    return {(a, b): ({name for bit, name in names.items() if ops[a, b] & bit}, int(ktrans[a, b]))
+            for a in range(1, ops.shape[0]) for b in range(1, ops.shape[1])}
+
+
+def random_pairs(count, seed):
+    rng = random.Random(seed)
+    alphabet = list("上述证据收集程序合法内容客观真实足以认定指控事实，。的了a1")
+    for _ in range(count):
+        letters = alphabet[:rng.randint(2, len(alphabet))]
+        src = [rng.choice(letters) for _ in range(rng.randint(1, 14))]
+        if rng.random() < 0.5:  # near-copies with swaps and insertions: transposition territory
+            tgt = src[:]
+            for _ in range(rng.randint(1, 3)):
+                x, y = rng.randrange(len(tgt)), rng.randrange(len(tgt))
+                tgt[x], tgt[y] = tgt[y], tgt[x]
+            if rng.random() < 0.5:
+                tgt.insert(rng.randrange(len(tgt) + 1), rng.choice(letters))
+        else:
+            tgt = [rng.choice(letters) for _ in range(rng.randint(1, 14))]
+        yield src, tgt
+
+
+def test_fast_alignment_equals_the_literal_dynamic_programme():
+    E.cherrant_resources()
+    for src, tgt in random_pairs(1500, seed=0):
+        ops, ktrans, _ = E.cherrant_align(src, tgt)
+        assert decode(ops, ktrans) == literal_alignment(src, tgt), (src, tgt)
+
+
+def test_fast_alignment_equals_the_literal_one_on_real_lawbench_sentences(shared):
+    import json
+    import os
+    data = json.load(open(os.path.join(shared, "predictions", "zero_shot", "GPT4", "2-1.json"), encoding="utf-8"))
+    for key in list(data)[:40]:
+        it = data[key]
+        src, pred, _ = E.cherrant_prepare(E.prompt_text(it["origin_prompt"]), it["prediction"], it["refr"])
+        if src != pred:
+            s, t = E.cherrant_tokens(src), E.cherrant_tokens(pred)
+            ops, ktrans, _ = E.cherrant_align(s, t)
+            assert decode(ops, ktrans) == literal_alignment(s, t)
+
+
+def test_substitution_cost_components():
+    table = E.substitution_costs(["诉", "，", "a"], ["述", "｡", "。"])
+    # 诉/述: same Cilin class H-i but different sub-class (2/6), shared reading "su" (0), two
+    # non-punctuation characters (0.25)
+    assert table[0, 0] == 2 / 6 + 0 + 0.25
+    assert table[1, 1] == 4 / 6 + 0.5 + 0.0  # two punctuation marks (unknown to Cilin, not Chinese)
+    # ChERRANT's punctuation list has the half-width "｡" but not "。" (U+3002): a mixed pair, 0.499
+    assert table[1, 2] == 4 / 6 + 0.5 + 0.499
+    assert table[2, 0] == 4 / 6 + 0.5 + 0.25  # Latin letter: unknown class, not Chinese
+
+
+def test_identical_prediction_is_a_noop_and_misses_every_reference_edit():
+    source, reference = "上诉证据收集程序合法", "上述证据收集程序合法"
+    hyp = E.cherrant_edits(source, source)
+    ref = E.cherrant_edits(source, reference)
+    assert hyp == {(-1, -1, "-NONE-"): ["noop"]}
+    assert ref == {(1, 2, "述"): ["S"]}
+    assert E.compare_edits(hyp, ref) == (0, 0, 1)
+    assert E.compare_edits(ref, ref) == (1, 0, 0)
+
+
+def test_word_order_swap_becomes_one_W_edit():
+    edits = E.cherrant_edits("被告人对事实无异议", "被告人对事实异无议")
+    assert list(edits.values()) == [["W"]]
+    assert list(edits) == [(6, 8, "异无")]
+
+
+def test_edits_shared_by_distinct_cheapest_alignments_count_once_per_alignment():
+    # Two distinct cheapest edit lists; both delete 人, so that edit counts twice.
+    edits = E.cherrant_edits("，告判人", "，，，判")
+    assert edits[(3, 4, "-NONE-")] == ["R", "R"]
+    assert sorted(k for k, v in edits.items() if v == ["S"]) == [(1, 2, "，"), (1, 2, "，，")]
+    reference = {(3, 4, "-NONE-"): ["R"]}
+    assert E.compare_edits(edits, reference) == (1, 3, 0)  # a TP per reference entry, an FP per hyp entry
+
+
+def test_not_annotatable_reference_skips_the_sentence():
+    assert E.compare_edits({(0, 1, "x"): ["S"]}, {(-1, -1, "-NONE-"): ["NA"]}) == (0, 0, 0)
+
+
+def test_exploding_alignment_falls_back_to_the_one_character_answer():
+    # Two unrelated sentences of equal length: astronomically many cheapest alignments. The
+    # official annotator times out and re-annotates the prediction as "无"; so do we.
+    source = "本院认为被告人张某以非法占有为目的秘密窃取他人财物数额较大其行为已构成盗窃罪依法应予惩处" * 2
+    prediction = "根据上述事实和证据可以认定原告主张的借款关系成立被告应当按照约定偿还借款本金及利息费用" * 2
+    edits, work, failed = E.cherrant_annotate(source, prediction)
+    assert failed and work > E.CHERRANT_WORK_BUDGET
+    assert E.cherrant_edits(source, prediction) == E.cherrant_annotate(source, "无")[0]
+
+
+def test_empty_or_whitespace_prediction_is_treated_like_a_timeout():
+    source, pred, ref = E.cherrant_prepare("纠正句子。句子：\n上诉证据合法", " \u3000 ", "上述证据合法")
+    assert pred == ""  # whitespace-only: upstream's lookup fails and the sentence is redone with "无"
+    assert E.cherrant_edits(source, pred) == E.cherrant_annotate(source, "无")[0]
+    assert E.cherrant_prepare("句子：\n上诉证据合法", "", "上述证据合法")[1] == "无内容"
+
+
+def test_prediction_is_truncated_and_converted_to_simplified_chinese():
+    source, pred, ref = E.cherrant_prepare("句子：\n上诉证据", "上述證據" + "啊" * 20, "上述证据")
+    assert pred == "上述证据" + "啊" * 5  # at most 5 characters longer than the reference
+    assert source == "上诉证据"
+
+
+def test_f_half_is_rounded_like_chERRANT_prints_it():
+    assert E.f_beta(1, 2, 3) == round(1.25 * (1 / 3) * 0.25 / (0.25 * (1 / 3) + 0.25), 4)
+    assert E.f_beta(0, 0, 0) == 1.0  # nothing to find and nothing claimed
+    assert E.f_beta(0, 5, 0) == 0.0
+
+
+def test_dense_path_count_equals_the_reachable_walk_and_the_enumeration():
+    E.cherrant_resources()
+    for src, tgt in random_pairs(300, seed=5):
+        ops, ktrans, _ = E.cherrant_align(src, tgt)
+        for first_only in (False, True):
+            walk = E.count_alignments(ops, ktrans, first_only)
+            assert walk == E._count_alignments_dense(ops, ktrans, first_only)
+            assert walk == len(E.enumerate_alignments(ops, ktrans, first_only))
