@@ -180,8 +180,12 @@ def cn2an_transform(text):
     """Chinese numerals -> Arabic, with cn2an as LawBench uses it (cached: it is slow and
     predictions repeat)."""
     if text not in _CN2AN_CACHE:
+        import warnings
+
         import cn2an
-        _CN2AN_CACHE[text] = cn2an.transform(text, "cn2an")
+        with warnings.catch_warnings():  # it warns about every malformed numeral it leaves as is
+            warnings.simplefilter("ignore", UserWarning)
+            _CN2AN_CACHE[text] = cn2an.transform(text, "cn2an")
     return _CN2AN_CACHE[text]
 
 

@@ -1,0 +1,102 @@
+"""
+How long does scoring LawBench take, and what do our two rewritten hot paths buy?
+
+    .venv/bin/python bench/score_published.py [--shared ../shared/lawbench] [--num-proc 2]
+
+1. Wall time of `evaluate.py score` over every published prediction set in ../shared/lawbench
+   (6 models zero-shot + 3 one-shot, 18 tasks each), and seconds per model-task file.
+2. ROUGE-L (tasks 1-1, 2-7, 3-2, 3-8 of GPT4 zero-shot): ours vs rouge_chinese's Rouge().get_scores
+   as LawBench calls it, same jieba input; results must be identical.
+3. Task 2-1 alignment (first N sentences of GPT4 zero-shot): ours vs a literal ChERRANT dynamic
+   programme (tests/test_cherrant.py); alignments must be identical.
+Prints each figure and the ratio baseline/ours, all measured in this run.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+import evaluate as E  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shared", default=os.path.join(os.path.dirname(ROOT), "shared", "lawbench"),
+                    help="folder with LawBench's predictions/ (default ../shared/lawbench)")
+    ap.add_argument("--num-proc", type=int, default=2, help="worker processes for the full run (default 2)")
+    ap.add_argument("--sentences", type=int, default=40, help="2-1 sentences per model for the alignment comparison")
+    ap.add_argument("--parts", default="1,2,3", help="which measurements to run (default 1,2,3)")
+    args = ap.parse_args()
+    preds = os.path.join(args.shared, "predictions")
+
+    parts = set(args.parts.split(","))
+    gpt4 = os.path.join(preds, "zero_shot", "GPT4")
+    if "1" in parts:
+        full_run(preds, args.num_proc)
+    if "2" in parts:
+        rouge_vs_rouge_chinese(gpt4)
+    if "3" in parts:
+        for model in ("GPT4", "chatglm2-6b-hf"):
+            alignment_vs_literal(os.path.join(preds, "zero_shot", model), model, args.sentences)
+
+
+def full_run(preds, num_proc):
+    t0 = time.time()
+    n_files = 0
+    for setting in ("zero_shot", "one_shot"):
+        report = E.score_predictions(preds, setting, num_proc=num_proc, progress=False)
+        n_files += sum(len(e["tasks"]) for e in report["models"].values())
+        for model, entry in report["models"].items():
+            slow = {t: r["seconds"] for t, r in entry["tasks"].items()}
+            print(f"  {setting:9s} {model:28s} {sum(slow.values()):6.1f} s of work  (2-1: {slow['2-1']:.1f} s)")
+    full = time.time() - t0
+    print(f"[1] scored {n_files} files (9 model/setting pairs) in {full:.1f} s wall with {num_proc} processes")
+
+
+def rouge_vs_rouge_chinese(gpt4):
+    from rouge_chinese import Rouge
+    import jieba
+    ours_t = base_t = 0.0
+    for task in ("1-1", "2-7", "3-2", "3-8"):
+        items, _, _ = E.load_prediction_file(os.path.join(gpt4, f"{task}.json"))
+        refs = [it["refr"].replace("答案:", "") if task == "1-1" else it["refr"] for it in items]
+        preds_ = [it["prediction"] for it in items]
+        E._SEGMENTED.clear()
+        t = time.time()
+        ours, _ = E.rouge_l(preds_, refs)
+        ours_t += time.time() - t
+        t = time.time()
+        hyps = [" ".join(jieba.cut(h)) for h in preds_]
+        hyps = [h if h.strip() else "无内容" for h in hyps]
+        base = [s["rouge-l"]["f"] for s in Rouge().get_scores(hyps, [" ".join(jieba.cut(r)) for r in refs])]
+        base_t += time.time() - t
+        assert ours == base, task
+    print(f"[2] ROUGE-L, 2000 items: rouge_chinese {base_t:.2f} s, ours {ours_t:.2f} s, "
+          f"ratio {base_t / ours_t:.1f}x (identical scores)")
+
+
+def alignment_vs_literal(folder, model, sentences):
+    from test_cherrant import decode, literal_alignment
+    items, _, _ = E.load_prediction_file(os.path.join(folder, "2-1.json"))
+    pairs = []
+    for it in items[:sentences]:
+        s, p, _ = E.cherrant_prepare(it["prompt"], it["prediction"], it["refr"])
+        if s != p:
+            pairs.append((E.cherrant_tokens(s), E.cherrant_tokens(p)))
+    E.cherrant_align(*pairs[0])  # load resources outside the timing
+    t = time.time()
+    fast = [decode(*E.cherrant_align(s, p)[:2]) for s, p in pairs]
+    fast_t = time.time() - t
+    t = time.time()
+    slow = [literal_alignment(s, p) for s, p in pairs]
+    slow_t = time.time() - t
+    assert fast == slow
+    print(f"[3] 2-1 alignment, {model}, {len(pairs)} sentences: literal DP {slow_t:.2f} s, ours {fast_t:.2f} s, "
+          f"ratio {slow_t / fast_t:.1f}x (identical alignments)")
+
+
+if __name__ == "__main__":
+    main()
