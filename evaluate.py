@@ -1060,8 +1060,12 @@ def score_2_1(items):
         except ValueError:
             errors.append((it["id"], "prompt has no '句子：\\n' marker, so the source sentence is unknown"))
             continue
-        hyp_edits = cherrant_edits(source, pred)
-        ref_edits = cherrant_edits(source, ref, cache=_GOLD_EDITS)
+        try:
+            hyp_edits = cherrant_edits(source, pred)
+            ref_edits = cherrant_edits(source, ref, cache=_GOLD_EDITS)
+        except ValueError as exc:  # an empty source sentence: upstream crashes, we report it
+            errors.append((it["id"], str(exc)))
+            continue
         t, f, n = compare_edits(hyp_edits, ref_edits)
         tp, fp, fn = tp + t, fp + f, fn + n
     return {"score": f_beta(tp, fp, fn), "abstention_rate": None, "errors": errors}

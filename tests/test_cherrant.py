@@ -164,3 +164,12 @@ def test_dense_path_count_equals_the_reachable_walk_and_the_enumeration():
             walk = E.count_alignments(ops, ktrans, first_only)
             assert walk == E._count_alignments_dense(ops, ktrans, first_only)
             assert walk == len(E.enumerate_alignments(ops, ktrans, first_only))
+
+
+def test_items_without_a_usable_source_sentence_are_reported_not_fatal():
+    items = [{"id": 0, "prompt": "没有标记", "prediction": "x", "refr": "y"},
+             {"id": 1, "prompt": "句子：\n", "prediction": "x", "refr": "y"},
+             {"id": 2, "prompt": "句子：\n上诉证据合法", "prediction": "上述证据合法", "refr": "上述证据合法"}]
+    r = E.score_2_1(items)
+    assert [e[0] for e in r["errors"]] == [0, 1]
+    assert r["score"] == 1.0
