@@ -621,8 +621,9 @@ def cherrant_align(src, tgt):
     """ChERRANT's weighted edit-distance alignment of token lists src -> tgt.
 
     Returns (ops, ktrans, iters): ops[a, b] is a bitmask of the cheapest operations ending at cell
-    (a, b) (M, S, I, D, T), ktrans[a, b] the length of the transposed window where T is among them,
-    and iters[a, b] how many window comparisons upstream's transposition search makes there.
+    (a, b) (M, S, I, D, T), ktrans[a, b] the length of the window upstream's transposition scan
+    finds there (0 if none; it is an operation only where ops has T, i.e. where it is also
+    cheapest), and iters[a, b] how many window comparisons that scan makes.
 
     Upstream fills the matrix cell by cell; at a mismatch it scans k = 1, 2, ... back along the
     diagonal while the diagonal cost keeps changing, looking for windows src[i-k..i], tgt[j-k..j]
@@ -704,7 +705,6 @@ def cherrant_align(src, tgt):
     mask = (OP_T * (trans == best) + OP_S * (cost[:-1, :-1] + sub == best)
             + OP_I * (cost[1:, :-1] + 1 == best) + OP_D * (cost[:-1, 1:] + 1 == best))
     ops[1:, 1:] = np.where(match, OP_M, mask)
-    ktrans[ops & OP_T == 0] = 0
 
     # Upstream's scan length at each mismatch: up to the window it finds, else until the matrix
     # edge or the last flat diagonal step. Skew the matrix so diagonals become columns.

@@ -45,7 +45,8 @@ def literal_alignment(src, tgt):
 
 def decode(ops, ktrans):
     names = {E.OP_M: "M", E.OP_S: "S", E.OP_I: "I", E.OP_D: "D", E.OP_T: "T"}
-    return {(a, b): ({name for bit, name in names.items() if ops[a, b] & bit}, int(ktrans[a, b]))
+    return {(a, b): ({name for bit, name in names.items() if ops[a, b] & bit},
+                     int(ktrans[a, b]) if ops[a, b] & E.OP_T else 0)
             for a in range(1, ops.shape[0]) for b in range(1, ops.shape[1])}
 
 
