@@ -1212,17 +1212,15 @@ def score_predictions(pred_dir, setting=None, models=None, tasks=None, num_proc=
     num_proc = max(1, min(num_proc or os.cpu_count() or 1, len(jobs)))
     from tqdm import tqdm
     bar = tqdm(total=len(jobs), desc="scoring", unit="file", disable=not progress, file=sys.stderr)
-    if num_proc == 1:
-        results = []
-        for job in jobs:
-            results.append(score_file(job))
+    pool = ProcessPoolExecutor(num_proc) if num_proc > 1 else None
+    results = []
+    try:
+        for res in (pool.map if pool else map)(score_file, jobs):
+            results.append(res)
             bar.update()
-    else:
-        with ProcessPoolExecutor(num_proc) as pool:
-            results = []
-            for res in pool.map(score_file, jobs):
-                results.append(res)
-                bar.update()
+    finally:
+        if pool:
+            pool.shutdown()
     bar.close()
     for res in results:
         model = res.pop("model")
