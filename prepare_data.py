@@ -54,7 +54,6 @@ from collections import Counter, defaultdict
 
 import numpy as np
 
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # we parallelise with processes instead
 
 # ----------------------------------------------------------------------------------------------
 # Names of every way a record can leave the pipeline, in the order the checks run.
@@ -465,7 +464,7 @@ def synthesize_statute_records(s, seed):
 # only, so spacing, punctuation width and quote styles don't hide a duplicate.
 
 def normalise(text):
-    return "".join(ch for ch in unicodedata.normalize("NFKC", text).lower() if ch.isalnum())
+    return "".join(filter(str.isalnum, unicodedata.normalize("NFKC", text).lower()))
 
 
 _M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
@@ -488,6 +487,18 @@ def ngram_hashes(text, n):
     h *= _M2
     h ^= h >> np.uint64(31)
     return h
+
+
+def batch_ngram_hashes(texts, n):
+    """ngram_hashes for many texts in one pass (numpy per-call overhead dominates on short texts):
+    returns the hashes and, for each, the index of its text. Windows across two texts are dropped."""
+    lens = np.fromiter((len(t) for t in texts), np.int64, len(texts))
+    h = ngram_hashes("".join(texts), n)
+    ends = np.cumsum(lens)
+    pos = np.arange(len(h))
+    owner = np.searchsorted(ends, pos, side="right")
+    ok = pos + n <= ends[owner] if len(h) else np.zeros(0, bool)
+    return h[ok], owner[ok]
 
 
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002ebef]")
@@ -670,53 +681,62 @@ def featurize(batch, tok, eot, specials, cfg, bench):
     enc = tok(texts, add_special_tokens=False, return_offsets_mapping=True)
     out = {k: [] for k in ("input_ids", "labels", "length", "label_tokens", "reason",
                            "text_hash", "contam_mask")}
-    shingle_sets = []
+    contents = [[m["content"] for m in msgs] for msgs in convs]
+    norms = [normalise("\n".join(c)) for c in contents]
+    # LawBench 13-grams of the whole batch at once, looked up in sorted order (cache friendly)
+    masks = [0] * len(convs)
+    if bench is not None:
+        h, owner = batch_ngram_hashes(norms, NGRAM_DECONTAM)
+        order = np.argsort(h)
+        h, owner = h[order], owner[order]
+        idx = np.searchsorted(bench["hashes"], h).clip(max=len(bench["hashes"]) - 1)
+        hit = bench["hashes"][idx] == h
+        for o, m in zip(owner[hit].tolist(), bench["masks"][idx[hit]].tolist()):
+            masks[o] |= m
+    # MinHash shingles: character 5-grams, hashed by us (32 bits, as datasketch's affine32 scheme
+    # expects) instead of one SHA-1 per shingle in Python
+    h5, owner5 = batch_ngram_hashes([x if len(x) >= NGRAM_MINHASH else x.ljust(NGRAM_MINHASH, "\0")
+                                     for x in norms], NGRAM_MINHASH)
+    h5 = (h5 & np.uint64(0xFFFFFFFF)).astype(np.int64)
+    bounds = np.searchsorted(owner5, np.arange(len(convs) + 1))
+    shingles = [np.unique(h5[bounds[b]:bounds[b + 1]]).tolist() for b in range(len(convs))]
     for b, (msgs, text) in enumerate(zip(convs, texts)):
         ids = enc["input_ids"][b]
         starts = [s for s, _ in enc["offset_mapping"][b]]
         labels = [-100] * len(ids)
+        n_label = 0
         for s, e in assistant_spans(text, msgs, eot):
             # tokens that start inside the span; a token straddling its start belongs to the prompt
             a, z = bisect.bisect_left(starts, s), bisect.bisect_left(starts, e)
             labels[a:z] = ids[a:z]
-        contents = [m["content"] for m in msgs]
+            n_label += z - a
         replies = "\n".join(m["content"] for m in msgs if m["role"] == "assistant")
-        joined = "\n".join(contents)
-        norm = normalise(joined)
-        mask = 0
-        if bench is not None and len(norm) >= NGRAM_DECONTAM:
-            h = ngram_hashes(norm, NGRAM_DECONTAM)
-            idx = np.searchsorted(bench["hashes"], h).clip(max=len(bench["hashes"]) - 1)
-            hit = bench["hashes"][idx] == h
-            if hit.any():
-                mask = int(np.bitwise_or.reduce(bench["masks"][idx[hit]]))
         n = len(ids)
-        if any(sp in c for c in contents for sp in specials):
+        if any(sp in c for c in contents[b] for sp in specials):
             reason = "special_token"
         elif n < cfg["min_tokens"]:
             reason = "too_short"
         elif n > cfg["max_tokens"]:
             reason = "too_long"
-        elif batch["language"][b] == "zh" and cjk_ratio(joined) < cfg["min_cjk_ratio"]:
+        elif batch["language"][b] == "zh" and cjk_ratio("\n".join(contents[b])) < cfg["min_cjk_ratio"]:
             reason = "non_chinese"
         elif repetition_ratio(replies) > cfg["max_repetition"]:
             reason = "repetition"
-        elif any(p.lower() in replies.lower() for p in cfg["refusal_phrases"]):
+        elif any(p in replies.lower() for p in cfg["refusal_phrases"]):
             reason = "refusal"
-        elif mask:
+        elif masks[b]:
             reason = "contaminated"
         else:
             reason = ""
         out["input_ids"].append(ids)
         out["labels"].append(labels)
         out["length"].append(n)
-        out["label_tokens"].append(sum(1 for x in labels if x != -100))
+        out["label_tokens"].append(n_label)
         out["reason"].append(reason)
-        out["text_hash"].append(hashlib.blake2b(norm.encode(), digest_size=16).hexdigest())
-        out["contam_mask"].append(mask)
-        shingle_sets.append(sorted({norm[i:i + NGRAM_MINHASH].encode()
-                                    for i in range(max(1, len(norm) - NGRAM_MINHASH + 1))}))
-    sigs = MinHash.bulk(shingle_sets, num_perm=cfg["minhash_perms"], seed=cfg["seed"], scheme=MINHASH_SCHEME)
+        out["text_hash"].append(hashlib.blake2b(norms[b].encode(), digest_size=16).hexdigest())
+        out["contam_mask"].append(masks[b])
+    sigs = MinHash.bulk(shingles, num_perm=cfg["minhash_perms"], seed=cfg["seed"], scheme=MINHASH_SCHEME,
+                        hashfunc=int)
     out["minhash"] = [m.hashvalues.astype(np.int64).tolist() for m in sigs]
     return out
 
@@ -954,6 +974,8 @@ def main(argv=None):
     import datasets
     from tqdm import tqdm
     args = parse_args(argv)
+    if args.num_proc > 1:  # we parallelise with processes; the tokenizer's threads would fight them
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
     t_start = time.time()
     recipe = load_recipe(args.recipe)
     cfg = {
@@ -970,9 +992,9 @@ def main(argv=None):
         fail("--general-ratio must be in [0, 1), or -1")
     if args.refusal_phrases:
         with open(args.refusal_phrases, encoding="utf-8") as f:
-            cfg["refusal_phrases"] = [l.strip() for l in f if l.strip()]
+            cfg["refusal_phrases"] = [l.strip().lower() for l in f if l.strip()]
     else:
-        cfg["refusal_phrases"] = list(REFUSAL_PHRASES)
+        cfg["refusal_phrases"] = [p.lower() for p in REFUSAL_PHRASES]
 
     # 1. read and normalise ----------------------------------------------------------------
     sources = recipe["sources"]
