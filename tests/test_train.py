@@ -196,11 +196,13 @@ def test_collator_restarts_positions_masks_each_first_label_and_marks_boundaries
         train.collate_pack(samples, 8)
 
 
-def test_trained_tokens_counted_from_arrow_match_the_labels(demo_prepared):
+def test_trained_tokens_and_max_id_read_from_arrow_match_the_rows(demo_prepared):
     from datasets import load_from_disk
     ds = load_from_disk(os.path.join(demo_prepared, "stage1"))
     expected = [sum(y != -100 for y in lab[1:]) for lab in ds["labels"]]
-    assert train.count_trained(ds).tolist() == expected and sum(expected) > 0
+    counts, max_id = train.scan_tokens(ds)
+    assert counts.tolist() == expected and sum(expected) > 0
+    assert max_id == max(max(ids) for ids in ds["input_ids"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -361,12 +363,13 @@ INTERNLM2 = dict(vocab_size=120, hidden_size=48, intermediate_size=80, num_hidde
                  architectures=["InternLM2ForCausalLM"], rope_scaling=None, torch_dtype="float32")
 
 
-def make_internlm2_checkpoint(path, tokenizer_dir, seed=0, vocab_size=None, rope_scaling=None):
+def make_internlm2_checkpoint(path, tokenizer_dir, seed=0, vocab_size=None, rope_scaling=None, dtype="float32"):
     """A tiny random InternLM2 checkpoint in InternLM2's own tensor names and fused wqkv layout,
     split over two safetensors shards like the real one."""
     from safetensors.torch import save_file
     from transformers import AutoTokenizer
-    c = {**INTERNLM2, "vocab_size": vocab_size or INTERNLM2["vocab_size"], "rope_scaling": rope_scaling}
+    c = {**INTERNLM2, "vocab_size": vocab_size or INTERNLM2["vocab_size"], "rope_scaling": rope_scaling,
+         "torch_dtype": dtype}
     h, kv, d = c["num_attention_heads"], c["num_key_value_heads"], c["hidden_size"] // c["num_attention_heads"]
     g = torch.Generator().manual_seed(seed)
     r = lambda *shape: torch.randn(*shape, generator=g) * 0.2  # noqa: E731
@@ -384,7 +387,8 @@ def make_internlm2_checkpoint(path, tokenizer_dir, seed=0, vocab_size=None, rope
     os.makedirs(path, exist_ok=True)
     names = sorted(state)
     for k, part in enumerate([names[:len(names) // 2], names[len(names) // 2:]]):
-        save_file({n: state[n] for n in part}, os.path.join(path, f"model-{k + 1:05d}-of-00002.safetensors"))
+        save_file({n: state[n].to(getattr(torch, dtype)) for n in part},
+                  os.path.join(path, f"model-{k + 1:05d}-of-00002.safetensors"))
     json.dump(c, open(os.path.join(path, "config.json"), "w"))
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(path)
     return state
@@ -490,7 +494,7 @@ def test_an_internlm2_base_model_is_converted_once_and_trained_as_llama(tmp_path
     src = str(tmp_path / "internlm2")
     tok = os.path.join(demo_prepared, "tokenizer")
     from transformers import AutoTokenizer
-    make_internlm2_checkpoint(src, tok, vocab_size=len(AutoTokenizer.from_pretrained(tok)))
+    make_internlm2_checkpoint(src, tok, vocab_size=len(AutoTokenizer.from_pretrained(tok)), dtype="bfloat16")
     out = str(tmp_path / "out")
     assert train.main(["--stage", "1", "--data", demo_prepared, "--model", src, "--out-dir", out,
                        "--max-len", "512", "--max-steps", "2"]) == 0
@@ -498,3 +502,37 @@ def test_an_internlm2_base_model_is_converted_once_and_trained_as_llama(tmp_path
     cfg = json.load(open(os.path.join(out, "stage1", "final", "train_config.json")))
     assert cfg["model_resolved"] == os.path.join(out, "base-llama")
     assert len(read_log(os.path.join(out, "stage1"))) == 2
+    # trained with fp32 master weights, saved in the checkpoint's own bf16
+    from safetensors.torch import load_file
+    final = os.path.join(out, "stage1", "final")
+    assert {t.dtype for t in load_file(os.path.join(final, "model.safetensors")).values()} == {torch.bfloat16}
+    assert LlamaForCausalLM.from_pretrained(final, dtype="auto").dtype == torch.bfloat16
+
+
+@pytest.mark.slow
+def test_two_ranks_give_the_loss_and_weights_of_one_rank_with_the_same_global_batch(tmp_path, demo_prepared):
+    """torchrun with 2 processes (gloo), 1 pack each per step == 1 process accumulating 2 packs:
+    the step's token mean is taken over both ranks, so the result can't depend on the split."""
+    import subprocess
+    import sys
+    from safetensors.torch import load_file
+    base = save_tiny_llama(str(tmp_path / "tiny"), os.path.join(demo_prepared, "tokenizer"))
+    common = ["--stage", "1", "--data", demo_prepared, "--model", base, "--max-len", "512",
+              "--max-steps", "3", "--lr", "1e-3", "--warmup-ratio", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", "29517", train.__file__, *common, "--grad-accum", "1",
+                          "--out-dir", str(tmp_path / "two")], env=env, capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert train.main(common + ["--grad-accum", "2", "--out-dir", str(tmp_path / "one")]) == 0
+    log1, log2 = read_log(str(tmp_path / "one" / "stage1")), read_log(str(tmp_path / "two" / "stage1"))
+    assert [r["trained_tokens"] for r in log1] == [r["trained_tokens"] for r in log2]
+    for a, b in zip(log1, log2):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-6)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+    w1 = load_file(str(tmp_path / "one" / "stage1" / "final" / "model.safetensors"))
+    w2 = load_file(str(tmp_path / "two" / "stage1" / "final" / "model.safetensors"))
+    w0 = load_file(os.path.join(base, "model.safetensors"))
+    for name in w0:
+        assert (w1[name] - w0[name]).abs().max() > 1e-4, name  # training moved it
+        torch.testing.assert_close(w1[name], w2[name], atol=1e-5, rtol=0, msg=lambda m: f"{name}: {m}")
