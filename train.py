@@ -33,14 +33,15 @@ import json
 import math
 import os
 import random
+import resource
 import shutil
+import signal
 import sys
 import time
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 # ----------------------------------------------------------------------------------------------
 # Packing
@@ -417,25 +418,23 @@ def lr_at(step, total, warmup, peak, min_ratio):
 
 def step_plan(n_packs, world, accum):
     """Split an epoch's packs into optimizer steps: each step gives every rank `accum` packs,
-    rank r taking every world-th one. The last step takes what is left, with equal micro-batch
-    counts on all ranks (None = a rank with nothing left runs a zero-weight repeat, so that the
-    gradient all-reduce still lines up). No pack is dropped."""
+    rank r taking every world-th one. The last step takes what is left; its empty slots are None,
+    run as zero-weight repeats so that every rank does exactly `accum` micro-batches per step
+    (DDP's all-reduce and DeepSpeed's accumulation boundary both count on it). No pack is dropped."""
     per_step = world * accum
-    steps = []
-    for s in range(0, n_packs, per_step):
-        ids = list(range(s, min(s + per_step, n_packs)))
-        k = math.ceil(len(ids) / world)
-        steps.append([[ids[j] if j < len(ids) else None for j in range(r, k * world, world)] for r in range(world)])
-    return steps
+    return [[[s + j if s + j < n_packs else None for j in range(r, per_step, world)] for r in range(world)]
+            for s in range(0, n_packs, per_step)]
 
 
-def save_model(model, tokenizer, out, dtype=None, extra_files=None):
+def save_model(model, tokenizer, out, dtype=None, extra_files=None, state=None):
     """Hugging Face folder (safetensors + config + tokenizer + chat template), written atomically.
-    Weights are stored in `dtype` (the starting checkpoint's, e.g. bf16), not the fp32 masters."""
+    Weights are stored in `dtype` (the starting checkpoint's, e.g. bf16), not the fp32 masters;
+    `state` replaces the model's own state dict (ZeRO-3: the gathered 16-bit weights)."""
     from prepare_data import replace_dir
     tmp = out.rstrip("/") + f".tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    state = {k: v.to(dtype) if dtype and v.is_floating_point() else v for k, v in model.state_dict().items()}
+    state = {k: v.to(dtype) if dtype and v.is_floating_point() else v
+             for k, v in (state if state is not None else model.state_dict()).items()}
     model.save_pretrained(tmp, state_dict=state)
     if dtype:  # save_pretrained records the in-memory (fp32) dtype; from_pretrained(dtype="auto") reads this
         cfg_file = os.path.join(tmp, "config.json")
@@ -456,6 +455,119 @@ def save_model(model, tokenizer, out, dtype=None, extra_files=None):
 # Main
 
 
+def plot_loss(log_path, png):
+    """Loss curve (and learning rate) of a run's log.jsonl, as a PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [json.loads(line) for line in open(log_path)]
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1, label="loss (token mean per step)")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax2 = ax.twinx()
+    ax2.plot([r["step"] for r in rows], [r["lr"] for r in rows], color="tab:orange", lw=1, alpha=0.6, label="lr")
+    ax2.set_ylabel("learning rate")
+    fig.legend(loc="upper right")
+    ax.set_title(os.path.basename(os.path.dirname(os.path.abspath(log_path))))
+    fig.tight_layout()
+    tmp = png + ".tmp.png"
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, png)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: <run>/checkpoints/step-000123/ plus a `latest` file naming the newest complete one
+
+
+def write_text_atomic(path, text):
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def latest_checkpoint(ckpt_root):
+    """Path of the newest complete checkpoint, or None."""
+    pointer = os.path.join(ckpt_root, "latest")
+    if not os.path.isfile(pointer):
+        return None
+    path = os.path.join(ckpt_root, open(pointer).read().strip())
+    return path if os.path.isdir(path) else None
+
+
+def rng_state():
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(st):
+    random.setstate(st["python"])
+    np.random.set_state(st["numpy"])
+    torch.set_rng_state(st["torch"])
+    if st["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def save_checkpoint(ckpt_root, step, engine, model, opt, sched, rank, keep):
+    """Resumable state of `step` completed steps, written into a temporary folder that is renamed
+    into place only when every rank has finished writing; `latest` moves last, so a run killed at
+    any moment leaves the previous checkpoint intact and pointed to. Keeps the newest `keep`."""
+    tag = f"step-{step:07d}"
+    tmp_tag = tag + ".tmp"
+    tmp = os.path.join(ckpt_root, tmp_tag)
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    barrier()
+    if engine is not None:  # DeepSpeed: every rank writes its own shard of weights and optimizer
+        engine.save_checkpoint(ckpt_root, tag=tmp_tag, client_state={"step": step}, save_latest=False)
+    elif rank == 0:  # plain/DDP: identical on every rank; only trainable tensors (LoRA: the adapter)
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        torch.save({"model": {n: t for n, t in model.state_dict().items() if n in trainable},
+                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step},
+                   os.path.join(tmp, "state.pt"))
+    torch.save(rng_state(), os.path.join(tmp, f"rng-{rank}.pt"))
+    barrier()
+    if rank == 0:
+        final = os.path.join(ckpt_root, tag)
+        shutil.rmtree(final, ignore_errors=True)
+        os.rename(tmp, final)
+        write_text_atomic(os.path.join(ckpt_root, "latest"), tag)
+        old = sorted(d for d in os.listdir(ckpt_root) if d.startswith("step-") and not d.endswith(".tmp"))
+        for d in old[:-keep]:
+            shutil.rmtree(os.path.join(ckpt_root, d), ignore_errors=True)
+    barrier()
+
+
+def load_checkpoint(path, engine, model, opt, sched, rank):
+    """Restore a checkpoint written by save_checkpoint; returns the number of completed steps."""
+    if engine is not None:
+        _, client = engine.load_checkpoint(os.path.dirname(path), tag=os.path.basename(path))
+        step = client["step"]
+    else:
+        st = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=False)
+        missing, unexpected = model.load_state_dict(st["model"], strict=False)
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        if unexpected or trainable & set(missing):
+            raise RuntimeError(f"{path} does not match this model (unexpected {unexpected[:3]}, "
+                               f"missing {sorted(trainable & set(missing))[:3]})")
+        opt.load_state_dict(st["optimizer"])
+        sched.load_state_dict(st["scheduler"])
+        step = st["step"]
+    rng_file = os.path.join(path, f"rng-{rank}.pt")
+    if os.path.exists(rng_file):
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    return step
+
+
+# ----------------------------------------------------------------------------------------------
+# Main
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", type=int, choices=[1, 2], required=True,
@@ -463,14 +575,20 @@ def parse_args(argv=None):
     p.add_argument("--model", help="starting weights (HF folder or hub id). Default: internlm/internlm2-chat-7b for "
                    "stage 1, <out-dir>/stage1/final for stage 2. InternLM2 checkpoints are converted to the Llama "
                    "layout first (into <out-dir>/base-llama)")
-    p.add_argument("--data", help="prepare_data.py output folder holding stage1/, stage2/ and tokenizer/ "
-                   "(default data/processed)", default="data/processed")
+    p.add_argument("--data", default="data/processed", help="prepare_data.py output folder holding stage1/, stage2/ "
+                   "and tokenizer/ (default %(default)s)")
+    p.add_argument("--cpt-data", help="continued pre-training instead of SFT: raw text files (glob; .txt = one "
+                   "document per blank-line-separated block, .jsonl/.json = a 'text' field), every token trained, "
+                   "documents longer than --max-len split into --max-len pieces. Uses --data's tokenizer/ if present, "
+                   "else the model's")
     p.add_argument("--out-dir", default="out", help="runs go to <out-dir>/stage<N>/ (default %(default)s)")
     p.add_argument("--max-len", type=int, default=32768, help="tokens per packed sequence (default %(default)s, as the paper)")
     p.add_argument("--oversize", choices=["drop", "truncate"], default="drop",
                    help="samples longer than --max-len: drop them, or keep their first --max-len tokens (counted either way)")
     p.add_argument("--epochs", type=float, default=1.0, help="passes over the stage's data (default %(default)s)")
-    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (overrides --epochs)")
+    p.add_argument("--max-steps", type=int, help="optimizer steps in all (overrides --epochs; the schedule follows it)")
+    p.add_argument("--stop-after", type=int, help="end this invocation after N steps, saving a checkpoint, without "
+                   "changing the schedule (for jobs split over several allocations)")
     p.add_argument("--grad-accum", type=int, default=1,
                    help="packs per rank per optimizer step; global batch = world size x this x --max-len tokens (default %(default)s)")
     p.add_argument("--lr", type=float, default=1e-5, help="peak learning rate (default %(default)s)")
@@ -482,13 +600,31 @@ def parse_args(argv=None):
     p.add_argument("--loss-chunk", type=int, default=2048,
                    help="tokens per lm_head + cross-entropy chunk; peak loss memory ~ chunk x vocab x 8 bytes (default %(default)s)")
     p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
-                   help="compute precision: bf16 autocast with fp32 master weights, or fp32 (auto: bf16 on GPU, fp32 on CPU)")
+                   help="compute precision: bf16 (DeepSpeed bf16, or autocast with fp32 master weights without it) "
+                   "or fp32 (auto: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--attn", default="auto", help="attention implementation: sdpa, flash_attention_2, eager "
                    "(auto: flash_attention_2 on GPU if installed, else sdpa)")
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                    help="recompute activations in backward (default: on for GPU, off on CPU)")
+    p.add_argument("--deepspeed", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "ds_config.json"),
+                   help="DeepSpeed config; 'auto' values are filled from the flags (default: ds_config.json, ZeRO-3 bf16)")
+    p.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3],
+                   help="override the config's ZeRO stage; 0 = no DeepSpeed: plain PyTorch (DDP under torchrun). "
+                   "On CPU, if DeepSpeed fails to start, the plain loop is used and the reason logged")
+    p.add_argument("--save-every", type=int, default=200, help="checkpoint every N steps, and at the end (default %(default)s)")
+    p.add_argument("--keep-last", type=int, default=2, help="checkpoints to keep (default %(default)s)")
+    p.add_argument("--resume", default="auto", help="'auto': continue from <run>/checkpoints/latest if it exists; "
+                   "'none': start afresh (old checkpoints are removed); or a checkpoint folder (default %(default)s)")
+    p.add_argument("--lora", action="store_true", help="train LoRA adapters (peft) instead of all weights; the final "
+                   "model is saved merged, the adapter beside it. Plain loop or ZeRO 1/2")
+    p.add_argument("--lora-r", type=int, default=16, help="LoRA rank (default %(default)s)")
+    p.add_argument("--lora-alpha", type=int, default=32, help="LoRA alpha (default %(default)s)")
+    p.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout (default %(default)s)")
+    p.add_argument("--peak-tflops", type=float, help="accelerator peak TFLOP/s for the MFU estimate "
+                   "(default: known bf16 dense peaks of A100/H100/H200; none on CPU)")
+    p.add_argument("--tensorboard", action="store_true", help="also log to <run>/tensorboard (needs the tensorboard package)")
     p.add_argument("--seed", type=int, default=42, help="packing, shuffling and init seed (default %(default)s)")
-    p.add_argument("--log-every", type=int, default=1, help="print a line every N steps (default %(default)s)")
+    p.add_argument("--log-every", type=int, default=10, help="print a line every N steps (default %(default)s)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model/tokenizer code from the checkpoint folder")
     return p.parse_args(argv)
 
@@ -497,22 +633,32 @@ def forward_backward(runner, batches, real, n_step, world, device, autocast=cont
     """Forward and backward of this rank's micro-batches of one optimizer step; returns their
     summed token loss. Each micro-batch's loss sum is scaled by world / n_step, n_step being the
     trained tokens of the whole step on all ranks: the accumulated gradient is then exactly that
-    of (sum of all token losses) / (all trained tokens), once DDP has averaged it over `world`
-    ranks. real[k] False marks a filler micro-batch (weight 0) that only keeps ranks in step."""
+    of (sum of all token losses) / (all trained tokens), once DDP or DeepSpeed has averaged it
+    over `world` ranks. real[k] False marks a filler micro-batch (weight 0) that only keeps the
+    ranks in step. With DeepSpeed the caller makes the final engine.step() (the boundary)."""
     ddp = isinstance(runner, torch.nn.parallel.DistributedDataParallel)
+    deepspeed_engine = hasattr(runner, "is_gradient_accumulation_boundary")
     loss_sum = 0.0
     for k, (b, is_real) in enumerate(zip(batches, real)):
         b = {key: v.to(device) if torch.is_tensor(v) else v for key, v in b.items()}
+        last = k == len(batches) - 1
         # DDP all-reduces gradients only in the backward of the step's last micro-batch
-        with runner.no_sync() if ddp and k < len(batches) - 1 else contextlib.nullcontext(), autocast:
+        with runner.no_sync() if ddp and not last else contextlib.nullcontext(), autocast:
             s = runner(b)
-        (s * (world / n_step if is_real else 0.0)).backward()
+        scaled = s * (world / n_step if is_real else 0.0)
+        if deepspeed_engine:
+            runner.backward(scaled, scale_wrt_gas=False)  # our scale already is the step's token mean
+            if not last:
+                runner.step()  # not a boundary: only advances DeepSpeed's micro-step count
+        else:
+            scaled.backward()
         loss_sum += s.item() if is_real else 0.0
     return loss_sum
 
 
-def setup_distributed():
-    """(rank, world, local_rank, device) -- torchrun sets the env vars; a plain run is rank 0 of 1."""
+def setup_distributed(use_deepspeed):
+    """(rank, world, device). torchrun sets the env vars; a plain run is rank 0 of 1 (DeepSpeed
+    still wants a process group, so one of size 1 is made for it)."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank, local = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
@@ -520,9 +666,17 @@ def setup_distributed():
         device = torch.device("cuda", local)
     else:
         device = torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
+    if (world > 1 or use_deepspeed) and not dist.is_initialized():
+        if world == 1:
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, local, device
+    return rank, world, device
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def all_sum(x, device):
@@ -533,124 +687,352 @@ def all_sum(x, device):
     return t.item()
 
 
+def deepspeed_config(path, args, world, dtype, zero_stage, hidden):
+    """The DeepSpeed config with 'auto' values filled from our flags, so the two never disagree."""
+    with open(path) as f:
+        cfg = json.load(f)
+    cfg["train_micro_batch_size_per_gpu"] = 1  # one pack of up to --max-len tokens
+    cfg["gradient_accumulation_steps"] = args.grad_accum
+    cfg["train_batch_size"] = world * args.grad_accum
+    cfg["gradient_clipping"] = args.clip
+    cfg["bf16"] = {"enabled": dtype == "bf16"}
+    cfg.pop("fp16", None)
+    zero = cfg.setdefault("zero_optimization", {})
+    zero["stage"] = zero_stage
+    auto = {"reduce_bucket_size": hidden * hidden, "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
+            "stage3_param_persistence_threshold": 10 * hidden}
+    for k, v in auto.items():
+        if zero.get(k) == "auto":
+            zero[k] = v
+    return cfg
+
+
+def count_params(model):
+    """Parameters of the model (ZeRO-3 partitions report their full size in ds_numel)."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+
+
+def step_flops(cfg, n_params, seqlens):
+    """Model FLOPs of forward + backward for packs with the given sample lengths: 6 x params x
+    tokens for the matmuls (embedding lookups excluded) plus causal attention, 6 x layers x
+    hidden x sum(len^2) -- each sample attends only within itself, so the sum is per sample.
+    Recomputation from gradient checkpointing is not counted (MFU convention)."""
+    lookup = 0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size  # the input embedding
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    attn = 6 * cfg.num_hidden_layers * cfg.num_attention_heads * head_dim * sum(s * s for s in seqlens)
+    return 6 * (n_params - lookup) * sum(seqlens) + attn
+
+
+PEAK_TFLOPS_BF16 = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "A800": 312.0, "H800": 989.0, "L40S": 362.0}
+
+
+def peak_tflops(args, device):
+    if args.peak_tflops:
+        return args.peak_tflops
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_TFLOPS_BF16.items() if k in name), None)
+
+
+def load_cpt_data(pattern, tokenizer, max_len, num_proc=None):
+    """Raw legal text for continued pre-training, tokenized: every token is trained, each
+    document ends with EOS, and documents longer than max_len become consecutive pieces."""
+    from datasets import Dataset, load_dataset
+    files = sorted(glob.glob(pattern)) or ([pattern] if os.path.isfile(pattern) else [])
+    if not files:
+        sys.exit(f"error: --cpt-data {pattern}: no such files")
+    docs = []
+    for f in files:
+        if f.endswith((".jsonl", ".json")):
+            ds = load_dataset("json", data_files=f, split="train")
+            if "text" not in ds.column_names:
+                sys.exit(f"error: {f}: no 'text' field (fields: {ds.column_names})")
+            docs += [t for t in ds["text"] if t and t.strip()]
+        else:
+            with open(f, encoding="utf-8") as fh:
+                docs += [b.strip() for b in fh.read().split("\n\n") if b.strip()]
+    eos = tokenizer.eos_token_id
+    ids, n_split = [], 0
+    for enc in tokenizer(docs, add_special_tokens=False)["input_ids"]:
+        enc = enc + [eos]
+        n_split += len(enc) > max_len
+        ids += [enc[i:i + max_len] for i in range(0, len(enc), max_len)]
+    ds = Dataset.from_dict({"input_ids": ids, "labels": ids, "length": [len(x) for x in ids]})
+    return ds, {"documents": len(docs), "documents_split": n_split, "pieces": len(ids)}
+
+
 def main(argv=None):
     args = parse_args(argv)
     from datasets import load_from_disk
+    from tqdm import tqdm
     from transformers import AutoTokenizer
 
-    rank, world, _, device = setup_distributed()
+    with open(args.deepspeed) as f:
+        zero_stage = args.zero_stage if args.zero_stage is not None else json.load(f).get("zero_optimization", {}).get("stage", 0)
+    if args.lora and zero_stage == 3:
+        sys.exit("error: --lora needs --zero-stage 0, 1 or 2 (merging adapters into ZeRO-3 shards is not supported)")
+    rank, world, device = setup_distributed(zero_stage > 0)
     master = rank == 0
-    log = print if master else (lambda *a, **k: None)
+    log = (lambda msg: tqdm.write(msg)) if master else (lambda msg: None)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
+    np.random.seed(args.seed)
+    if args.tensorboard:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            sys.exit("error: --tensorboard needs the tensorboard package (pip install tensorboard)")
 
     run_dir = os.path.join(args.out_dir, f"stage{args.stage}")
-    data_dir = os.path.join(args.data, f"stage{args.stage}")
-    if not os.path.isdir(data_dir):
-        sys.exit(f"error: {data_dir} not found: run prepare_data.py --out {args.data} first")
+    ckpt_root = os.path.join(run_dir, "checkpoints")
     tok_dir = os.path.join(args.data, "tokenizer")
     model_path = args.model or ("internlm/internlm2-chat-7b" if args.stage == 1
                                 else os.path.join(args.out_dir, "stage1", "final"))
     if args.stage == 2 and args.model is None and not os.path.isdir(model_path):
-        sys.exit(f"error: stage 2 starts from stage 1's weights, but {model_path} does not exist")
+        sys.exit(f"error: stage 2 starts from stage 1's weights, but {model_path} does not exist "
+                 "(run --stage 1 first, or pass --model)")
     if is_internlm2(model_path):
         converted = os.path.join(args.out_dir, "base-llama")
         if master and not os.path.isdir(converted):
             log(f"converting InternLM2 checkpoint {model_path} to the Llama layout in {converted}")
             convert_internlm2(model_path, converted, args.trust_remote_code)
-        if dist.is_initialized():
-            dist.barrier()
+        barrier()
         model_path = converted
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir if os.path.isdir(tok_dir) else model_path,
+                                              trust_remote_code=args.trust_remote_code)
 
-    # --- data: select, pack, plan steps
-    ds = load_from_disk(data_dir)
+    # --- data: select, pack, plan steps (identically on every rank: packing is deterministic)
+    if args.cpt_data:
+        ds, cpt_counts = load_cpt_data(args.cpt_data, tokenizer, args.max_len)
+        data_name = args.cpt_data
+    else:
+        data_name = os.path.join(args.data, f"stage{args.stage}")
+        if not os.path.isdir(data_name):
+            sys.exit(f"error: {data_name} not found: run prepare_data.py --out {args.data} first")
+        ds, cpt_counts = load_from_disk(data_name), None
     lengths = ds.data.column("length").to_numpy().astype(np.int64)
     n_trained, max_id = scan_tokens(ds)
     idx, sel_len, counts = select_samples(lengths, n_trained, args.max_len, args.oversize)
+    if cpt_counts:
+        counts.update(cpt_counts)
     if not len(idx):
-        sys.exit(f"error: no trainable sample in {data_dir} (counts: {counts})")
+        sys.exit(f"error: no trainable sample in {data_name} (counts: {counts})")
     packs0 = pack_best_fit(sel_len, args.max_len, args.seed, 0)
     steps_per_epoch = len(step_plan(len(packs0), world, args.grad_accum))
     total_steps = args.max_steps or max(1, math.ceil(args.epochs * steps_per_epoch))
     warmup = int(args.warmup_ratio * total_steps)
-    log(f"data: {counts['read']} samples in {data_dir}, {counts['kept']} trainable ({counts}); "
+    log(f"data: {counts['read']} samples in {data_name}, {counts['kept']} trainable ({counts}); "
         f"{len(packs0)} packs of <= {args.max_len} tokens, fill {fill_efficiency(packs0, sel_len, args.max_len):.2%}; "
         f"{steps_per_epoch} steps/epoch on {world} rank(s) x {args.grad_accum} packs; {total_steps} steps")
 
-    # --- model
+    # --- model, optimizer, schedule; DeepSpeed or plain PyTorch
     dtype = args.dtype if args.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     attn = pick_attention(args.attn, device)
     flash = attn.startswith("flash")
-    model, stored_dtype = load_model(model_path, torch.float32, attn, args.trust_remote_code)
-    model.to(device)
+    engine = ds_keepalive = None
+    if zero_stage > 0:
+        try:
+            import deepspeed
+            from transformers import AutoConfig
+            deepspeed.init_distributed(dist_backend=dist.get_backend())  # adopts our process group
+            hidden = AutoConfig.from_pretrained(model_path, trust_remote_code=args.trust_remote_code).hidden_size
+            ds_cfg = deepspeed_config(args.deepspeed, args, world, dtype, zero_stage, hidden)
+            if zero_stage == 3:
+                # must exist before from_pretrained: transformers then builds the model already
+                # partitioned (deepspeed.zero.Init), so no rank ever holds all 7B weights
+                from transformers.integrations import HfDeepSpeedConfig
+                ds_keepalive = HfDeepSpeedConfig(ds_cfg)  # noqa: F841
+        except Exception as e:
+            if device.type == "cuda":
+                raise
+            log(f"DeepSpeed unavailable on this CPU machine ({type(e).__name__}: {e}); using the plain PyTorch loop")
+            zero_stage = 0
+    # without DeepSpeed the weights stay fp32 (master weights) and bf16 is autocast
+    load_dtype = torch.bfloat16 if zero_stage > 0 and dtype == "bf16" else torch.float32
+    model, stored_dtype = load_model(model_path, load_dtype, attn, args.trust_remote_code)
+    if max_id >= model.config.vocab_size:
+        sys.exit(f"error: {data_name} has token id {max_id} but {model_path} has only {model.config.vocab_size} "
+                 "embeddings: the data was tokenized for another model (prepare_data.py --tokenizer)")
     gc = args.gradient_checkpointing if args.gradient_checkpointing is not None else device.type == "cuda"
     if gc:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if max_id >= model.config.vocab_size:
-        sys.exit(f"error: {data_dir} has token id {max_id} but {model_path} has only {model.config.vocab_size} "
-                 "embeddings: the data was tokenized for another model (prepare_data.py --tokenizer)")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
-    with autocast:
-        err = check_isolation(model, flash)
-    log(f"model: {model_path} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params), attention {attn}, "
-        f"compute {dtype}, gradient checkpointing {'on' if gc else 'off'}; packed-sample isolation checked (err {err:.1e})")
-    tokenizer = AutoTokenizer.from_pretrained(tok_dir if os.path.isdir(tok_dir) else model_path,
-                                              trust_remote_code=args.trust_remote_code)
-    model.train()
+    if args.lora:
+        from peft import LoraConfig, get_peft_model
+        if gc:
+            model.enable_input_require_grads()
+        # get_peft_model injects the adapters into `model` itself, which PackedLM keeps using
+        peft_model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha,
+                                                      lora_dropout=args.lora_dropout, target_modules="all-linear",
+                                                      task_type="CAUSAL_LM"))
+    n_params = count_params(model)
     packed_lm = PackedLM(model, args.loss_chunk, flash)
-    ddp = torch.nn.parallel.DistributedDataParallel(packed_lm) if world > 1 else None
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=tuple(args.betas))
+    # weight decay on matrices only, not on norms and biases (ZeRO-3 partitions keep the real shape in ds_shape)
+    matrix = {n: len(getattr(p, "ds_shape", p.shape)) >= 2 for n, p in model.named_parameters()}
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    opt = torch.optim.AdamW([{"params": [p for n, p in trainable if matrix[n]], "weight_decay": args.weight_decay},
+                             {"params": [p for n, p in trainable if not matrix[n]], "weight_decay": 0.0}],
+                            lr=args.lr, betas=tuple(args.betas))
+    def make_schedule(optimizer):  # DeepSpeed calls it with its own wrapper of `opt`
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, total_steps, warmup, 1.0, args.min_lr_ratio))
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16" and zero_stage == 0)
+    ddp = None
+    if zero_stage > 0:
+        if zero_stage == 3:
+            # PackedLM reads lm_head.weight itself instead of calling lm_head: tell ZeRO-3 to gather it
+            deepspeed.zero.register_external_parameter(packed_lm, model.get_output_embeddings().weight)
+        engine, opt, _, sched = deepspeed.initialize(model=packed_lm, optimizer=opt, lr_scheduler=make_schedule,
+                                                     config=ds_cfg)
+        runner = engine
+    else:
+        sched = make_schedule(opt)
+        packed_lm.to(device)
+        ddp = torch.nn.parallel.DistributedDataParallel(packed_lm) if world > 1 else None
+        runner = ddp or packed_lm
+    with torch.no_grad(), autocast:
+        err = check_isolation(model, flash)
+    model.train()
+    log(f"model: {model_path} ({n_params / 1e6:.1f}M params{', LoRA' if args.lora else ''}), attention {attn}, "
+        f"compute {dtype}, {'DeepSpeed ZeRO-' + str(zero_stage) if zero_stage else 'plain PyTorch' + (' DDP' if ddp else '')}, "
+        f"gradient checkpointing {'on' if gc else 'off'}; packed-sample isolation checked (err {err:.1e})")
 
-    # --- training loop
+    # --- resume
+    if args.resume == "none" and master:
+        shutil.rmtree(ckpt_root, ignore_errors=True)
+    barrier()
+    start = args.resume if args.resume not in ("auto", "none") else (latest_checkpoint(ckpt_root) if args.resume == "auto" else None)
+    config = {**vars(args), "model_resolved": model_path, "world_size": world, "attention": attn, "compute_dtype": dtype,
+              "zero_stage": zero_stage, "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
+              "data_counts": counts, "fill": fill_efficiency(packs0, sel_len, args.max_len)}
+    step = 0
+    if start:
+        saved_file = os.path.join(run_dir, "train_config.json")
+        saved = json.load(open(saved_file)) if os.path.exists(saved_file) else config
+        same = ("model_resolved", "data", "cpt_data", "max_len", "grad_accum", "seed", "world_size", "total_steps", "lora")
+        diff = {k: (saved.get(k), config[k]) for k in same if saved.get(k) != config[k]}
+        if diff:
+            sys.exit(f"error: {start} was written by a run with other settings {diff}; "
+                     "resume with the same ones, or start afresh with --resume none")
+        step = load_checkpoint(start, engine, model, opt, sched, rank)
+        log(f"resumed from {start}: {step} steps done")
     os.makedirs(run_dir, exist_ok=True)
     log_path = os.path.join(run_dir, "log.jsonl")
-    log_file = open(log_path, "w") if master else None
-    step, epoch, t_start = 0, 0, time.time()
-    while step < total_steps:
+    if master:
+        write_text_atomic(os.path.join(run_dir, "train_config.json"), json.dumps(config, indent=1, ensure_ascii=False))
+        # keep the log of the steps the checkpoint contains; anything after it is redone
+        kept = [line for line in open(log_path) if json.loads(line)["step"] <= step] if step and os.path.exists(log_path) else []
+        write_text_atomic(log_path, "".join(kept))
+    log_file = open(log_path, "a") if master else None
+    tb = SummaryWriter(os.path.join(run_dir, "tensorboard")) if master and args.tensorboard else None
+
+    # SIGTERM (preemption, scancel, torchrun shutting down): finish the step, checkpoint, exit
+    stop = {"signal": False}
+    signal.signal(signal.SIGTERM, lambda *_: stop.update(signal=True))
+
+    # --- training loop
+    peak = peak_tflops(args, device)
+    bar = tqdm(total=total_steps, initial=step, disable=not master, desc=f"stage {args.stage}", dynamic_ncols=True)
+    end = min(total_steps, step + args.stop_after) if args.stop_after else total_steps
+    last_saved = step if start else -1
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    while step < end:
+        epoch, first = divmod(step, steps_per_epoch)
         packs = pack_best_fit(sel_len, args.max_len, args.seed, epoch)
-        for plan in step_plan(len(packs), world, args.grad_accum):
-            if step >= total_steps:
-                break
+        for plan in step_plan(len(packs), world, args.grad_accum)[first:]:
             t0 = time.time()
-            lr = lr_at(step, total_steps, warmup, args.lr, args.min_lr_ratio)
-            for group in opt.param_groups:
-                group["lr"] = lr
             mine = plan[rank]
             batches = [collate_pack(ds.select(idx[packs[p if p is not None else plan[0][0]]]), args.max_len) for p in mine]
-            n_step = all_sum(sum(trained_tokens(b["labels"]) for b, p in zip(batches, mine) if p is not None), device)
-            loss_sum = forward_backward(ddp or packed_lm, batches, [p is not None for p in mine], n_step, world,
-                                        device, autocast)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip if args.clip > 0 else float("inf")).item()
-            if not math.isfinite(grad_norm) or not math.isfinite(loss_sum):
-                sys.exit(f"error: non-finite loss or gradient at step {step} (loss sum {loss_sum}, grad norm {grad_norm}); stopping")
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            real = [p is not None for p in mine]
+            n_step = all_sum(sum(trained_tokens(b["labels"]) for b, r in zip(batches, real) if r), device)
+            lr = sched.get_last_lr()[0]
+            loss_sum = forward_backward(runner, batches, real, n_step, world, device, autocast)
             loss = all_sum(loss_sum, device) / n_step
-            real = all_sum(sum(int(b["input_ids"].shape[1]) for b, p in zip(batches, mine) if p is not None), device)
+            if not math.isfinite(loss):
+                bar.close()
+                msg = (f"error: loss is {loss} at step {step + 1}; stopped before the optimizer step. "
+                       f"The last good checkpoint is {latest_checkpoint(ckpt_root) or '(none yet)'}")
+                log(msg)
+                sys.exit(msg)
+            if engine is not None:
+                engine.step()  # the accumulation boundary: clip, optimizer step, schedule step
+                grad_norm = float(engine.get_global_grad_norm() or 0.0)
+            else:
+                grad_norm = torch.nn.utils.clip_grad_norm_(packed_lm.parameters(), args.clip if args.clip > 0 else float("inf")).item()
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+            step += 1
             dt = time.time() - t0
-            rec = {"step": step + 1, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                   "trained_tokens": int(n_step), "tokens": int(real), "tokens_per_s": real / dt,
-                   "fill": real / (sum(p is not None for r in plan for p in r) * args.max_len), "time_s": dt}
+            seqlens = [int(x) for b, r in zip(batches, real) if r for x in b["cu_seqlens"].diff()]
+            tokens = all_sum(sum(seqlens), device)
+            flops = all_sum(step_flops(model.config, n_params, seqlens), device)
+            mem = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+                   else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+            rec = {"step": step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                   "trained_tokens": int(n_step), "tokens": int(tokens), "tokens_per_s": tokens / dt,
+                   "tokens_per_s_per_device": tokens / dt / world, "tflops_per_device": flops / dt / world / 1e12,
+                   "mfu": flops / dt / world / 1e12 / peak if peak else None,
+                   "fill": tokens / (sum(r is not None for rk in plan for r in rk) * args.max_len),
+                   "peak_mem_gib": mem / 2**30, "time_s": dt}
+            if not math.isfinite(grad_norm):
+                msg = (f"error: gradient norm is {grad_norm} at step {step}; the weights are no longer usable. "
+                       f"The last good checkpoint is {latest_checkpoint(ckpt_root) or '(none yet)'}")
+                log(msg)
+                sys.exit(msg)
             if master:
                 log_file.write(json.dumps(rec) + "\n")
                 log_file.flush()
-                if (step + 1) % args.log_every == 0 or step + 1 == total_steps:
-                    log(f"step {step + 1}/{total_steps}  loss {loss:.4f}  lr {lr:.2e}  grad-norm {grad_norm:.3f}  "
-                        f"{real / dt:,.0f} tok/s")
-            step += 1
-        epoch += 1
-
+                if tb:
+                    for k in ("loss", "lr", "grad_norm", "tokens_per_s_per_device", "fill", "peak_mem_gib"):
+                        tb.add_scalar(f"train/{k}", rec[k], step)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / dt:,.0f}")
+                if step % args.log_every == 0 or step == total_steps:
+                    log(f"step {step}/{total_steps}  loss {loss:.4f}  lr {lr:.2e}  grad-norm {grad_norm:.3f}  "
+                        f"{tokens / dt / world:,.0f} tok/s/device" + (f"  MFU {rec['mfu']:.1%}" if peak else ""))
+            stop_now = all_sum(stop["signal"], device) > 0
+            if step % args.save_every == 0 or step == end or stop_now:
+                save_checkpoint(ckpt_root, step, engine, model, opt, sched, rank, args.keep_last)
+                last_saved = step
+            if stop_now:
+                bar.close()
+                log(f"SIGTERM: checkpoint {ckpt_root}/step-{step:07d} saved; run the same command to resume")
+                sys.exit(143)
+            if step >= end:
+                break
+    bar.close()
+    if last_saved != step:
+        save_checkpoint(ckpt_root, step, engine, model, opt, sched, rank, args.keep_last)
     if master:
         log_file.close()
-        config = {**vars(args), "model_resolved": model_path, "world_size": world, "attention": attn,
-                  "compute_dtype": dtype, "total_steps": total_steps, "data_counts": counts}
-        save_model(model, tokenizer, os.path.join(run_dir, "final"), stored_dtype, {"train_config.json": config})
-        log(f"saved {os.path.join(run_dir, 'final')} after {step} steps in {time.time() - t_start:.0f}s; log {log_path}")
+        if tb:
+            tb.close()
+        plot_loss(log_path, os.path.join(run_dir, "loss.png"))
+    if step < total_steps:
+        log(f"stopped after step {step} of {total_steps} (--stop-after); run the same command to continue")
+        return 0
+
+    # --- final weights: a Hugging Face folder in the checkpoint's own dtype
+    final = os.path.join(run_dir, "final")
+    if args.lora:
+        if master:
+            from prepare_data import replace_dir
+            tmp = os.path.join(run_dir, f"final-adapter.tmp-{os.getpid()}")
+            peft_model.save_pretrained(tmp)
+            replace_dir(tmp, os.path.join(run_dir, "final-adapter"))
+            merged = peft_model.merge_and_unload()
+            save_model(merged, tokenizer, final, stored_dtype, {"train_config.json": config})
+    elif engine is not None and zero_stage == 3:
+        state = engine._zero3_consolidated_16bit_state_dict()  # collective: gathers the shards on rank 0
+        if master:
+            state = {k.removeprefix("model."): v for k, v in state.items()}
+            save_model(model, tokenizer, final, stored_dtype, {"train_config.json": config}, state=state)
+    elif master:
+        save_model(model, tokenizer, final, stored_dtype, {"train_config.json": config})
+    barrier()
+    log(f"saved {final} after {step} steps; log {log_path}, curve {os.path.join(run_dir, 'loss.png')}")
     if dist.is_initialized():
-        dist.barrier()
         dist.destroy_process_group()
     return 0
 

@@ -159,14 +159,15 @@ def test_oversize_and_untrainable_samples_are_counted_never_lost():
     assert counts == {"read": 5, "no_trained_tokens": 1, "too_long_truncated": 2, "kept": 4}
 
 
-def test_step_plan_gives_every_pack_once_and_every_rank_the_same_number_of_micro_batches():
-    for n_packs, world, accum in [(10, 1, 3), (10, 2, 2), (7, 4, 1), (3, 4, 2), (16, 4, 4)]:
+def test_step_plan_gives_every_pack_once_and_every_rank_accum_micro_batches_per_step():
+    for n_packs, world, accum in [(10, 1, 3), (10, 2, 2), (7, 4, 1), (3, 4, 2), (16, 4, 4), (1, 2, 2)]:
         plan = train.step_plan(n_packs, world, accum)
         seen = [p for step in plan for rank in step for p in rank if p is not None]
         assert sorted(seen) == list(range(n_packs))
+        assert len(plan) == math.ceil(n_packs / (world * accum))
         for step in plan:
-            assert len(step) == world and len({len(r) for r in step}) == 1 and len(step[0]) <= accum
-            assert all(p is not None for p in step[0])  # rank 0 always has real work
+            assert len(step) == world and all(len(r) == accum for r in step)
+            assert step[0][0] is not None  # the filler for empty slots
 
 
 def test_lr_schedule_warms_up_linearly_then_follows_a_cosine():
@@ -475,7 +476,7 @@ def test_a_short_run_on_the_demo_data_lowers_the_loss_and_saves_a_loadable_model
     out = str(tmp_path / "out")
     assert train.main(["--stage", "1", "--data", demo_prepared, "--model", base, "--out-dir", out,
                        "--max-len", "1024", "--lr", "2e-3", "--max-steps", "40", "--warmup-ratio", "0.1",
-                       "--grad-accum", "2", "--log-every", "10"]) == 0
+                       "--grad-accum", "2", "--log-every", "10", "--zero-stage", "0"]) == 0
     log = read_log(os.path.join(out, "stage1"))
     assert [r["step"] for r in log] == list(range(1, 41))
     first, last = np.mean([r["loss"] for r in log[:5]]), np.mean([r["loss"] for r in log[-5:]])
@@ -497,7 +498,7 @@ def test_an_internlm2_base_model_is_converted_once_and_trained_as_llama(tmp_path
     make_internlm2_checkpoint(src, tok, vocab_size=len(AutoTokenizer.from_pretrained(tok)), dtype="bfloat16")
     out = str(tmp_path / "out")
     assert train.main(["--stage", "1", "--data", demo_prepared, "--model", src, "--out-dir", out,
-                       "--max-len", "512", "--max-steps", "2"]) == 0
+                       "--max-len", "512", "--max-steps", "2", "--zero-stage", "0"]) == 0
     assert not train.is_internlm2(os.path.join(out, "base-llama"))
     cfg = json.load(open(os.path.join(out, "stage1", "final", "train_config.json")))
     assert cfg["model_resolved"] == os.path.join(out, "base-llama")
@@ -518,7 +519,7 @@ def test_two_ranks_give_the_loss_and_weights_of_one_rank_with_the_same_global_ba
     from safetensors.torch import load_file
     base = save_tiny_llama(str(tmp_path / "tiny"), os.path.join(demo_prepared, "tokenizer"))
     common = ["--stage", "1", "--data", demo_prepared, "--model", base, "--max-len", "512",
-              "--max-steps", "3", "--lr", "1e-3", "--warmup-ratio", "0"]
+              "--max-steps", "3", "--lr", "1e-3", "--warmup-ratio", "0", "--zero-stage", "0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                           "--master_port", "29517", train.__file__, *common, "--grad-accum", "1",
