@@ -254,6 +254,8 @@ def check_isolation(model, flash=False):
         h = model.model(input_ids=packed["input_ids"].to(dev), position_ids=packed["position_ids"].to(dev),
                         use_cache=False, **extra).last_hidden_state[0, len(a):].float()
         alone = model.model(input_ids=b[None].to(dev), use_cache=False).last_hidden_state[0].float()
+    if not (torch.isfinite(h).all() and torch.isfinite(alone).all()):
+        raise RuntimeError("the model produces non-finite hidden states on a 16-token input: broken weights?")
     err = ((h - alone).abs().max() / alone.abs().max().clamp(min=1e-6)).item()
     exact = not torch.is_autocast_enabled(dev.type) and next(model.parameters()).dtype == torch.float32
     tol = 1e-4 if exact else 5e-2  # a leak changes the first tokens of the second sample by O(1)
