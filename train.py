@@ -5,10 +5,19 @@ Stage 1 trains the base chat model on legal + general data, stage 2 continues fr
 high-quality legal data only. Input is the output of prepare_data.py (Arrow datasets with
 input_ids / labels / length, labels -100 except on assistant replies).
 
-    python prepare_data.py --recipe recipe.json --tokenizer internlm/internlm2-chat-7b --out data/processed
-    python train.py --stage 1 --model internlm/internlm2-chat-7b      # one process (small models, CPU)
-    torchrun --nproc_per_node 8 train.py --stage 1                   # one node, data parallel
-    torchrun --nproc_per_node 8 train.py --stage 2                   # starts from out/stage1/final
+    python prepare_data.py --recipe recipe.json --tokenizer /models/internlm2-chat-7b --out data/processed
+    torchrun --nproc_per_node 8 train.py --stage 1 --model /models/internlm2-chat-7b
+    torchrun --nproc_per_node 8 train.py --stage 2            # starts from out/stage1/final
+    # several nodes (the paper: 8 x 8 A100-80GB), the same command on each node:
+    torchrun --nnodes 8 --node_rank $NODE_RANK --nproc_per_node 8 --master_addr $MASTER --master_port 29500 \
+        train.py --stage 1 --model /models/internlm2-chat-7b
+    python train.py --stage 1 --model tiny/ --zero-stage 0     # one process, no DeepSpeed (CPU, small models)
+
+DeepSpeed ZeRO-3 (bf16) from ds_config.json is the default; its "auto" values come from the flags.
+A killed or preempted run continues where it stopped when the same command is run again
+(--resume auto); SIGTERM writes a checkpoint first. Output: out/stage<N>/{log.jsonl, loss.png,
+train_config.json, checkpoints/, final/}; final/ is a Hugging Face folder (safetensors, 16-bit,
+tokenizer and chat template) that evaluate.py and stage 2 load.
 
 How a step works, and why:
   * Packing. Samples are bin-packed whole (best-fit decreasing) into sequences of at most
