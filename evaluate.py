@@ -16,7 +16,13 @@ or a single model folder). Outputs, all written atomically:
     results/scores.png    per-task bars, one colour per model
     stdout                the same numbers as Markdown tables
 
-Generation (`evaluate.py generate`, `evaluate.py run`) is not implemented yet: see README "Status".
+Generate a checkpoint's predictions in that layout first (greedy, the model's chat template, no
+system prompt, as InternLM-Law is evaluated), then score them, or both in one go:
+
+    python evaluate.py generate --model out/stage2/final --lawbench-data LawBench/data --setting zero_shot \
+        --out predictions/internlm-law
+    python evaluate.py run --model out/stage2/final --lawbench-data LawBench/data --setting zero_shot \
+        --out predictions/internlm-law --results results/internlm-law
 
 Why a re-implementation rather than calling LawBench's scripts: the official scorer takes ~210 s per
 model on one core (95% in task 2-1, which aligns every sentence twice in subprocesses and decides
@@ -1196,7 +1202,7 @@ def score_predictions(pred_dir, setting=None, models=None, tasks=None, num_proc=
     for model, folder in found.items():
         report[model] = {"folder": folder, "tasks": {}, "missing_tasks": [], "problems": []}
         for name in sorted(os.listdir(folder)):
-            if name.endswith(".json") and name[:-5] not in TASKS:
+            if name.endswith(".json") and name[:-5] not in TASKS and not name.startswith("."):
                 report[model]["problems"].append(f"{os.path.join(folder, name)}: not a LawBench task id; ignored")
         for task in wanted:
             path = os.path.join(folder, f"{task}.json")
@@ -1244,6 +1250,9 @@ def atomic_write(path, write):
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide results from the rest of a team
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -1353,10 +1362,179 @@ def cmd_score(args):
     return 0
 
 
-def cmd_not_yet(args):
-    print(f"error: 'evaluate.py {args.command}' is not implemented yet (see README, Status). "
-          "Score existing predictions with 'evaluate.py score'.", file=sys.stderr)
-    return 1
+# ----------------------------------------------------------------------------------------------
+# Generation
+
+
+def lawbench_prompt(item):
+    """What LawBench puts before a model: the instruction, a newline, the question (exactly the
+    `origin_prompt` of its published predictions, which task 2-1's metric reads back)."""
+    return item["instruction"] + "\n" + item["question"]
+
+
+def load_lawbench_task(data_dir, setting, task):
+    path = os.path.join(data_dir, setting, f"{task}.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            items = json.load(f)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SystemExit(f"error: {path}: cannot read LawBench task file ({exc})")
+    for i, it in enumerate(items if isinstance(items, list) else [None]):
+        if not isinstance(it, dict) or not all(isinstance(it.get(k), str) for k in ("instruction", "question", "answer")):
+            raise SystemExit(f"error: {path}: item {i} is not {{instruction, question, answer}} text")
+    return items
+
+
+def read_partial(path):
+    """{item id: prediction} from a task's append-only progress file. A line torn by a kill is
+    the last one; it is ignored and that item generated again."""
+    done = {}
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                    done[int(rec["id"])] = rec["prediction"]
+                except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                    pass
+    return done
+
+
+def load_generator(path, trust_remote_code):
+    """(model, tokenizer, ids that end a reply) for greedy batched generation with left padding."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, padding_side="left")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype="auto", trust_remote_code=trust_remote_code)
+    except ValueError as exc:
+        raise SystemExit(f"error: cannot load {path} ({exc}); checkpoints with their own modelling code "
+                         "(e.g. InternLM2) need --trust-remote-code")
+    model.to(device).eval()
+    stop = {tok.eos_token_id}
+    if tok.chat_template:
+        import prepare_data
+        eot = prepare_data.end_of_turn(tok)
+        stop.add(tok.convert_tokens_to_ids(eot))
+    stop |= set(model.generation_config.eos_token_id if isinstance(model.generation_config.eos_token_id, list)
+                else [model.generation_config.eos_token_id])
+    return model, tok, sorted(i for i in stop if i is not None)
+
+
+def generate_task(model, tok, stop_ids, prompts, done, partial_path, batch_size, max_new_tokens, bar):
+    """Greedy replies for the prompts not in `done`, appended to partial_path batch by batch.
+    Longest prompts first: batches of similar lengths waste no padding, and an out-of-memory
+    error shows up in the first batch rather than after an hour. Returns prompts truncated."""
+    import torch
+    limit = getattr(model.config, "max_position_embeddings", None)
+    texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+             if tok.chat_template else p for p in prompts]
+    ids = [tok(t, add_special_tokens=not tok.chat_template)["input_ids"] for t in texts]
+    truncated = 0
+    todo = sorted((i for i in range(len(prompts)) if i not in done), key=lambda i: -len(ids[i]))
+    with open(partial_path, "a", encoding="utf-8") as out:
+        for k in range(0, len(todo), batch_size):
+            batch = todo[k:k + batch_size]
+            rows = []
+            for i in batch:
+                x = ids[i]
+                if limit and len(x) + max_new_tokens > limit:  # keep the end: the question and the reply cue
+                    x, truncated = x[len(x) + max_new_tokens - limit:], truncated + 1
+                rows.append(x)
+            width = max(map(len, rows))
+            input_ids = torch.tensor([[tok.pad_token_id] * (width - len(r)) + r for r in rows], device=model.device)
+            mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=model.device)
+            with torch.no_grad():
+                gen = model.generate(input_ids=input_ids, attention_mask=mask, do_sample=False, num_beams=1,
+                                     max_new_tokens=max_new_tokens, eos_token_id=stop_ids, pad_token_id=tok.pad_token_id,
+                                     temperature=None, top_p=None, top_k=None)
+            for i, row in zip(batch, gen[:, width:].tolist()):
+                row = row[:next((j for j, t in enumerate(row) if t in stop_ids), len(row))]
+                done[i] = tok.decode(row, skip_special_tokens=True)
+                out.write(json.dumps({"id": i, "prediction": done[i]}, ensure_ascii=False) + "\n")
+            out.flush()
+            os.fsync(out.fileno())
+            bar.update(len(batch))
+    return truncated
+
+
+def model_fingerprint(path):
+    """Identifies the weights behind a prediction folder, so that a resume never mixes replies of
+    two models: the weight files' names, sizes and modification times, and config.json."""
+    import hashlib
+    h = hashlib.sha256(str(os.path.abspath(path)).encode())
+    if os.path.isdir(path):
+        for name in sorted(os.listdir(path)):
+            full = os.path.join(path, name)
+            if name.endswith((".safetensors", ".bin")) or name == "config.json":
+                st = os.stat(full)
+                h.update(f"{name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def cmd_generate(args):
+    from tqdm import tqdm
+    tasks = args.tasks.split(",") if args.tasks else list(TASKS)
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise SystemExit(f"error: unknown task id(s) {unknown}; LawBench tasks are {', '.join(TASKS)}")
+    data = {t: load_lawbench_task(args.lawbench_data, args.setting, t)[:args.limit] for t in tasks}
+    model, tok, stop_ids = load_generator(args.model, args.trust_remote_code)
+    if not tok.chat_template:
+        print(f"warning: {args.model} has no chat template; prompts are given as plain text", file=sys.stderr)
+    partial_dir = os.path.join(args.out, ".partial")
+    meta = {"model": args.model, "fingerprint": model_fingerprint(args.model), "setting": args.setting,
+            "max_new_tokens": args.max_new_tokens, "decoding": "greedy", "chat_template": bool(tok.chat_template)}
+    meta_path = os.path.join(args.out, ".generation.json")
+    if os.path.exists(meta_path):
+        old = json.load(open(meta_path, encoding="utf-8"))
+        diff = [k for k in ("fingerprint", "setting", "max_new_tokens") if old.get(k) != meta[k]]
+        if diff:
+            raise SystemExit(f"error: {args.out} holds predictions made with other {', '.join(diff)} "
+                             f"({old.get('model')}); use another --out, or delete it to start over")
+    elif os.path.isdir(args.out):
+        existing = [n for n in os.listdir(args.out) if n.endswith(".json") and n[:-5] in TASKS]
+        if existing or os.path.isdir(partial_dir):
+            raise SystemExit(f"error: {args.out} already holds predictions of unknown origin; use another --out")
+    os.makedirs(partial_dir, exist_ok=True)
+    write_meta = lambda m: atomic_write(meta_path, lambda f: f.write(json.dumps(m, ensure_ascii=False, indent=1).encode("utf-8")))  # noqa: E731
+    write_meta({**meta, "tasks": {}})
+    meta["tasks"] = {}
+    started = time.time()
+    for task in tasks:
+        final, partial = os.path.join(args.out, f"{task}.json"), os.path.join(partial_dir, f"{task}.jsonl")
+        items = data[task]
+        if os.path.exists(final) and len(json.load(open(final, encoding="utf-8"))) == len(items):
+            meta["tasks"][task] = {"items": len(items), "resumed": "complete"}
+            continue
+        done = {i: p for i, p in read_partial(partial).items() if i < len(items)}
+        resumed = len(done)
+        with tqdm(total=len(items), initial=resumed, desc=f"{args.setting} {task}", disable=args.quiet) as bar:
+            truncated = generate_task(model, tok, stop_ids, [lawbench_prompt(it) for it in items], done, partial,
+                                      args.batch_size, args.max_new_tokens, bar)
+        preds = {str(i): {"origin_prompt": [{"role": "HUMAN", "prompt": lawbench_prompt(it)}],
+                          "prediction": done[i], "refr": it["answer"]} for i, it in enumerate(items)}
+        atomic_write(final, lambda f: f.write(json.dumps(preds, ensure_ascii=False, indent=1).encode("utf-8")))
+        os.unlink(partial)
+        meta["tasks"][task] = {"items": len(items), "resumed_items": resumed, "prompts_truncated": truncated}
+    if not os.listdir(partial_dir):
+        os.rmdir(partial_dir)
+    write_meta(meta)  # a dot-file: the scorer reads DIR/<task>.json only
+    print(f"Generated {sum(len(v) for v in data.values())} predictions for {len(tasks)} task(s) in "
+          f"{time.time() - started:.0f} s -> {args.out}", file=sys.stderr)
+    return 0
+
+
+def cmd_run(args):
+    rc = cmd_generate(args)
+    if rc:
+        return rc
+    args.predictions, args.models = args.out, None
+    args.out = args.results or os.path.join("results", os.path.basename(os.path.normpath(args.predictions)))
+    return cmd_score(args)
 
 
 def main(argv=None):
@@ -1379,10 +1557,30 @@ def main(argv=None):
                    help="how many input problems to print (all are recorded in scores.json; default 20)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_score)
-    for name, text in (("generate", "generate LawBench predictions from a checkpoint (not implemented yet)"),
-                       ("run", "generate + score in one go (not implemented yet)")):
+    for name, text, func in (
+            ("generate", "generate LawBench predictions from a checkpoint (greedy, the model's chat template)", cmd_generate),
+            ("run", "generate LawBench predictions, then score them", cmd_run)):
         q = sub.add_parser(name, help=text, description=text)
-        q.set_defaults(func=cmd_not_yet)
+        q.add_argument("--model", required=True, help="Hugging Face model folder (e.g. out/stage2/final) or hub id")
+        q.add_argument("--lawbench-data", required=True, metavar="DIR",
+                       help="LawBench's data folder: DIR/<setting>/<task>.json, lists of {instruction, question, answer}")
+        q.add_argument("--setting", choices=["zero_shot", "one_shot"], default="zero_shot",
+                       help="LawBench setting (default %(default)s)")
+        q.add_argument("--out", required=True, metavar="DIR",
+                       help="prediction folder, LawBench's layout: DIR/<task>.json (resumable: finished items are kept)")
+        q.add_argument("--tasks", default=None, help="comma-separated task ids, e.g. 1-1,3-3 (default: all 20)")
+        q.add_argument("--limit", type=int, default=None, help="only the first N items of each task (quick looks)")
+        q.add_argument("--batch-size", type=int, default=8, help="prompts per generate() call (default %(default)s)")
+        q.add_argument("--max-new-tokens", type=int, default=512, help="reply length limit (default %(default)s)")
+        q.add_argument("--trust-remote-code", action="store_true",
+                       help="allow the checkpoint's own modelling code (needed for unconverted InternLM2)")
+        q.add_argument("--quiet", action="store_true", help="no progress bars")
+        if name == "run":
+            q.add_argument("--results", default=None, metavar="DIR",
+                           help="where the scores go (default results/<name of --out>)")
+            q.add_argument("--num-proc", type=int, default=None, help="scoring worker processes (default: all cores)")
+            q.add_argument("--show-problems", type=int, default=20, metavar="N", help="input problems to print")
+        q.set_defaults(func=func)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -404,12 +404,30 @@ def pick_attention(requested, device):
     return "sdpa"
 
 
-def load_model(path, dtype, attn, trust_remote_code):
-    """(model in `dtype`, the dtype its checkpoint was stored in)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-    stored = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code).dtype
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn,
-                                                 trust_remote_code=trust_remote_code)
+def model_config(path, tokenizer, trust_remote_code):
+    """The config of a checkpoint folder, or of a bare config .json (a model trained from random
+    init, as the demo does; its vocabulary and special ids then come from the tokenizer)."""
+    from transformers import AutoConfig
+    if path.endswith(".json") and os.path.isfile(path):
+        with open(path) as f:
+            cfg = json.load(f)
+        cfg.update(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        return AutoConfig.for_model(**cfg)
+    return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+
+
+def load_model(path, dtype, attn, trust_remote_code, tokenizer=None):
+    """(model in `dtype`, the dtype its checkpoint was stored in). A config .json gives a
+    random-init model (seeded by the caller's torch.manual_seed)."""
+    from transformers import AutoModelForCausalLM
+    config = model_config(path, tokenizer, trust_remote_code)
+    stored = config.dtype
+    if path.endswith(".json") and os.path.isfile(path):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn,
+                                                     trust_remote_code=trust_remote_code)
     model.config.use_cache = False
     for attr in ("model", "lm_head"):
         if not hasattr(model, attr):
@@ -585,7 +603,8 @@ def parse_args(argv=None):
                    help="1: legal + general data from the base model; 2: high-quality legal data from stage 1's weights")
     p.add_argument("--model", help="starting weights (HF folder or hub id). Default: internlm/internlm2-chat-7b for "
                    "stage 1, <out-dir>/stage1/final for stage 2. InternLM2 checkpoints are converted to the Llama "
-                   "layout first (into <out-dir>/base-llama)")
+                   "layout first (into <out-dir>/base-llama). A config .json (e.g. demo_data/tiny_llama.json) "
+                   "starts from random init, sized to the tokenizer")
     p.add_argument("--data", default="data/processed", help="prepare_data.py output folder holding stage1/, stage2/ "
                    "and tokenizer/ (default %(default)s)")
     p.add_argument("--cpt-data", help="continued pre-training instead of SFT: raw text files (glob; .txt = one "
@@ -845,9 +864,8 @@ def main(argv=None):
     if zero_stage > 0:
         try:
             import deepspeed
-            from transformers import AutoConfig
             deepspeed.init_distributed(dist_backend=dist.get_backend())  # adopts our process group
-            hidden = AutoConfig.from_pretrained(model_path, trust_remote_code=args.trust_remote_code).hidden_size
+            hidden = model_config(model_path, tokenizer, args.trust_remote_code).hidden_size
             ds_cfg = deepspeed_config(args.deepspeed, args, world, dtype, zero_stage, hidden)
             if zero_stage == 3:
                 # must exist before from_pretrained: transformers then builds the model already
@@ -861,7 +879,7 @@ def main(argv=None):
             zero_stage = 0
     # without DeepSpeed the weights stay fp32 (master weights) and bf16 is autocast
     load_dtype = torch.bfloat16 if zero_stage > 0 and dtype == "bf16" else torch.float32
-    model, stored_dtype = load_model(model_path, load_dtype, attn, args.trust_remote_code)
+    model, stored_dtype = load_model(model_path, load_dtype, attn, args.trust_remote_code, tokenizer)
     if max_id >= model.config.vocab_size:
         sys.exit(f"error: {data_name} has token id {max_id} but {model_path} has only {model.config.vocab_size} "
                  "embeddings: the data was tokenized for another model (prepare_data.py --tokenizer)")

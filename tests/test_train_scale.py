@@ -26,13 +26,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PORT = iter(range(29611, 29700))
 
 
-def torchrun(args, nproc=2, wait=True, **kw):
+def torchrun(args, nproc=2, wait=True, log=None, **kw):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            "--master_port", str(next(PORT)), os.path.join(ROOT, "train.py"), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    if not wait:
-        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True, **kw)
+    if not wait:  # output to a file: an unread pipe would fill up and block the run
+        return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, **kw)
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, **kw)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
     return out
@@ -136,13 +135,13 @@ def test_final_folder_reloads_with_the_weights_deepspeed_reconstructs_from_its_s
 # ---------------------------------------------------------------------------------------------
 # Surviving kill -9 and SIGTERM
 
-def wait_for_step(run_dir, step, proc, timeout=300):
+def wait_for_step(run_dir, step, proc, output, timeout=300):
     t0 = time.time()
     log = os.path.join(run_dir, "log.jsonl")
     while time.time() - t0 < timeout:
         if os.path.exists(log) and sum(1 for _ in open(log)) >= step:
             return
-        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert proc.poll() is None, open(output).read()[-3000:]
         time.sleep(0.02)
     raise AssertionError(f"no step {step} in {timeout}s")
 
@@ -150,9 +149,11 @@ def wait_for_step(run_dir, step, proc, timeout=300):
 def test_kill_9_mid_run_then_resume_gives_the_uninterrupted_loss_curve(tmp_path, demo_prepared, tiny):
     args = ["--stage", "1", *common(demo_prepared, tiny, tmp_path / "killed", "--max-steps", "24",
                                     "--save-every", "4", "--max-len", "1024")]
-    proc = torchrun(args, wait=False)
+    output = tmp_path / "killed.out"
+    with open(output, "w") as f:
+        proc = torchrun(args, wait=False, log=f)
     run = tmp_path / "killed" / "stage1"
-    wait_for_step(run, 10, proc)
+    wait_for_step(run, 10, proc, output)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     done_before = len(read_log(run))
@@ -175,11 +176,14 @@ def test_sigterm_checkpoints_the_current_step_and_the_same_command_resumes(tmp_p
     args = [sys.executable, os.path.join(ROOT, "train.py"), "--stage", "1",
             *common(demo_prepared, tiny, out, "--max-steps", "40", "--save-every", "1000", "--zero-stage", "0",
                     "--max-len", "1024")]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output_file = tmp_path / "run.out"
+    with open(output_file, "w") as f:
+        proc = subprocess.Popen(args, stdout=f, stderr=subprocess.STDOUT)
     run = out / "stage1"
-    wait_for_step(run, 5, proc)
+    wait_for_step(run, 5, proc, output_file)
     proc.send_signal(signal.SIGTERM)
-    output = proc.communicate()[0]
+    proc.wait(timeout=300)
+    output = open(output_file).read()
     assert proc.returncode == 143, output[-2000:]
     steps = len(read_log(run))
     assert 5 <= steps < 40 and "SIGTERM" in output
