@@ -499,7 +499,7 @@ def plot_loss(log_path, png):
     ax2 = ax.twinx()
     ax2.plot([r["step"] for r in rows], [r["lr"] for r in rows], color="tab:orange", lw=1, alpha=0.6, label="lr")
     ax2.set_ylabel("learning rate")
-    fig.legend(loc="upper right")
+    fig.legend(loc="upper center", bbox_to_anchor=(0.5, 0.88))
     ax.set_title(os.path.basename(os.path.dirname(os.path.abspath(log_path))))
     fig.tight_layout()
     tmp = png + ".tmp.png"
