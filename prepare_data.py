@@ -898,14 +898,16 @@ def markdown_report(rep):
         lines.append(f"| {name} | {s['category']} | {s['format']} | {s['read']} | {s['kept']} | "
                      + " | ".join(str(s["dropped"].get(r, 0)) for r in reasons) + f" | {s['tokens']} |")
     lines += ["", "## Stages", "", "| stage | read | kept (unique) | rows | " + " | ".join(reasons)
-              + " | tokens | label tokens | general share (rows) | p50 | p90 | p99 | max | packs (lower bound) |",
-              "|" + "---|" * (12 + len(reasons))]
+              + " | tokens | label tokens | general share (rows) | p50 | p90 | p99 | max | packs (lower bound) "
+              "| packs (train.py, fill) |",
+              "|" + "---|" * (13 + len(reasons))]
     for name, s in rep["stages"].items():
         p = s["length_percentiles"]
         lines.append(f"| {name} | {s['read']} | {s['kept']} | {s['rows']} | "
                      + " | ".join(str(s["dropped"].get(r, 0)) for r in reasons)
                      + f" | {s['tokens']} | {s['label_tokens']} | {s['general_share']:.3f} | {p.get('p50', 0)} | "
-                       f"{p.get('p90', 0)} | {p.get('p99', 0)} | {p.get('max', 0)} | {s['packs_lower_bound']} |")
+                       f"{p.get('p90', 0)} | {p.get('p99', 0)} | {p.get('max', 0)} | {s['packs_lower_bound']} | "
+                       f"{s['packs']} ({s['pack_fill']:.1%}) |")
     lines += ["", "Reasons: " + "; ".join(f"`{r}`: {REASONS[r]}" for r in reasons), ""]
     if rep.get("decontamination"):
         d = rep["decontamination"]
@@ -962,7 +964,7 @@ def parse_args(argv):
                         "-1 keeps the weights as they are")
     p.add_argument("--max-tokens", type=int, help="drop longer samples (recipe 'max_tokens'; default 32768)")
     p.add_argument("--min-tokens", type=int, help="drop shorter samples (recipe 'min_tokens'; default 16)")
-    p.add_argument("--pack-len", type=int, default=32768, help="sequence length for the packs estimate (default 32768)")
+    p.add_argument("--pack-len", type=int, default=32768, help="train.py's --max-len, for the packs figures in the report (default 32768)")
     p.add_argument("--min-cjk-ratio", type=float, default=0.3,
                    help="minimum share of CJK among letters for language-zh sources (default 0.3)")
     p.add_argument("--max-repetition", type=float, default=0.2,
@@ -1174,6 +1176,12 @@ def main(argv=None):
                                 if rows else 0.0)
         sst["length_percentiles"] = percentiles(L)
         sst["packs_lower_bound"] = math.ceil(sst["tokens"] / args.pack_len)
+        # the packs train.py will make (its best-fit packer; the count doesn't depend on the seed)
+        import train
+        fit = [min(x, args.pack_len) for x in L]
+        packs = train.pack_best_fit(fit, args.pack_len) if fit else []
+        sst["packs"] = len(packs)
+        sst["pack_fill"] = train.fill_efficiency(packs, np.asarray(fit), args.pack_len)
         sst["rows_per_source"] = dict(Counter(sources[src[i]]["name"] for i in rows))
         sst["dropped"] = in_reason_order(sst["dropped"])
         stage_rows[stage], stage_stats[f"stage{stage}"] = rows, sst

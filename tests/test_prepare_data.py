@@ -545,3 +545,11 @@ def test_demo_recipe_drops_exactly_the_planted_bad_records(demo_prepared):
     assert rep["stages"]["stage1"]["general_share"] == pytest.approx(0.15, abs=0.01)
     assert {"general_alpaca", "general_chat", "crimekg"}.isdisjoint(rep["stages"]["stage2"]["rows_per_source"])
     assert rep["stages"]["stage2"]["dropped"]["not_high_quality"] == rep["sources"]["lawgpt"]["kept"]
+    # the report's packs are the ones train.py makes from the written dataset
+    import train
+    from datasets import load_from_disk
+    for stage in ("stage1", "stage2"):
+        lengths = load_from_disk(os.path.join(demo_prepared, stage))["length"]
+        packs = train.pack_best_fit(lengths, 32768)
+        assert rep["stages"][stage]["packs"] == len(packs) >= rep["stages"][stage]["packs_lower_bound"]
+        assert rep["stages"][stage]["pack_fill"] == pytest.approx(train.fill_efficiency(packs, np.asarray(lengths), 32768))
