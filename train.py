@@ -742,15 +742,23 @@ def count_params(model):
     return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
 
 
-def step_flops(cfg, n_params, seqlens):
-    """Model FLOPs of forward + backward for packs with the given sample lengths: 6 x params x
-    tokens for the matmuls (embedding lookups excluded) plus causal attention, 6 x layers x
-    hidden x sum(len^2) -- each sample attends only within itself, so the sum is per sample.
+def matmul_params(model):
+    """Weights that take part in matrix products: every 2-D weight except the input embedding,
+    which is a lookup (unless it is tied to lm_head). Norms and biases cost next to nothing."""
+    emb = model.get_input_embeddings().weight
+    tied = emb is model.get_output_embeddings().weight
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters()
+               if len(getattr(p, "ds_shape", p.shape)) >= 2 and (tied or p is not emb))
+
+
+def step_flops(cfg, n_matmul, seqlens):
+    """Model FLOPs of forward + backward for packs with the given sample lengths: 6 x matmul
+    weights x tokens, plus causal attention, 6 x layers x heads x head_dim x sum(len^2) -- each
+    sample attends only within itself, and only to earlier tokens (half the square).
     Recomputation from gradient checkpointing is not counted (MFU convention)."""
-    lookup = 0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size  # the input embedding
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     attn = 6 * cfg.num_hidden_layers * cfg.num_attention_heads * head_dim * sum(s * s for s in seqlens)
-    return 6 * (n_params - lookup) * sum(seqlens) + attn
+    return 6 * n_matmul * sum(seqlens) + attn
 
 
 PEAK_TFLOPS_BF16 = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "A800": 312.0, "H800": 989.0, "L40S": 362.0}
@@ -894,7 +902,7 @@ def main(argv=None):
         peft_model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha,
                                                       lora_dropout=args.lora_dropout, target_modules="all-linear",
                                                       task_type="CAUSAL_LM"))
-    n_params = count_params(model)
+    n_params, n_matmul = count_params(model), matmul_params(model)
     packed_lm = PackedLM(model, args.loss_chunk, flash)
     # weight decay on matrices only, not on norms and biases (ZeRO-3 partitions keep the real shape in ds_shape)
     matrix = {n: len(getattr(p, "ds_shape", p.shape)) >= 2 for n, p in model.named_parameters()}
@@ -995,7 +1003,7 @@ def main(argv=None):
             dt = time.time() - t0
             seqlens = [int(x) for b, r in zip(batches, real) if r for x in b["cu_seqlens"].diff()]
             tokens = all_sum(sum(seqlens), device)
-            flops = all_sum(step_flops(model.config, n_params, seqlens), device)
+            flops = all_sum(step_flops(model.config, n_matmul, seqlens), device)
             mem = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
                    else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
             rec = {"step": step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,

@@ -307,6 +307,22 @@ def test_a_filler_micro_batch_changes_nothing():
     assert_same_grads(g, grads(model), atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_flops_estimate_matches_torchs_flop_counter(kind):
+    """The MFU numerator, against torch's own count of one forward + backward. Eager attention
+    computes the full square of scores, twice our causal half; everything else must agree."""
+    from torch.utils.flop_counter import FlopCounterMode
+    model = tiny_model(kind, "eager")
+    T = 37
+    ids = torch.randint(0, 97, (1, T), generator=torch.Generator().manual_seed(0))
+    with FlopCounterMode(display=False) as counter:
+        model(input_ids=ids, labels=ids).loss.backward()
+    c = model.config
+    causal_half = 6 * c.num_hidden_layers * c.hidden_size * T * T
+    ours = train.step_flops(c, train.matmul_params(model), [T])
+    assert counter.get_total_flops() == ours + causal_half
+
+
 # ---------------------------------------------------------------------------------------------
 # Chunked cross-entropy
 

@@ -278,3 +278,23 @@ def test_tensorboard_gets_the_same_scalars_as_the_jsonl(tmp_path, demo_prepared,
     acc.Reload()
     tb = [e.value for e in acc.Scalars("train/loss")]
     np.testing.assert_allclose(tb, losses(out / "stage1"), rtol=1e-6)
+
+
+def test_on_cpu_a_deepspeed_that_cannot_start_falls_back_to_the_plain_loop(tmp_path, demo_prepared, tiny,
+                                                                          monkeypatch, capsys):
+    import deepspeed
+
+    def broken(*a, **k):
+        raise RuntimeError("shm comm op failed to build")
+
+    monkeypatch.setattr(deepspeed, "init_distributed", broken)
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"):
+        monkeypatch.delenv(var, raising=False)  # restored after the test: main sets them for its 1-process group
+    monkeypatch.setenv("MASTER_PORT", str(next(PORT)))
+    out = tmp_path / "out"
+    assert train.main(["--stage", "1", *common(demo_prepared, tiny, out, "--max-steps", "2")]) == 0
+    printed = capsys.readouterr().out
+    assert "DeepSpeed unavailable on this CPU machine (RuntimeError: shm comm op failed to build)" in printed
+    assert "plain PyTorch" in printed
+    assert json.load(open(out / "stage1" / "train_config.json"))["zero_stage"] == 0
+    assert len(read_log(out / "stage1")) == 2
