@@ -1048,6 +1048,8 @@ def main(argv=None):
         plot_loss(log_path, os.path.join(run_dir, "loss.png"))
     if step < total_steps:
         log(f"stopped after step {step} of {total_steps} (--stop-after); run the same command to continue")
+        if dist.is_initialized():
+            dist.destroy_process_group()
         return 0
 
     # --- final weights: a Hugging Face folder in the checkpoint's own dtype
