@@ -9,10 +9,14 @@ How long does scoring LawBench take, and what do our two rewritten hot paths buy
    as LawBench calls it, same jieba input; results must be identical.
 3. Task 2-1 alignment (first N sentences of GPT4 zero-shot): ours vs a literal ChERRANT dynamic
    programme (tests/test_cherrant.py); alignments must be identical.
+4. The whole scorer on every published prediction set, ours vs the straightforward per-item way:
+   the same scorer with its two rewritten hot paths put back to the obvious code -- ROUGE-L by
+   rouge_chinese's Rouge().get_scores one item at a time, as LawBench calls it, and 2-1's alignment
+   by the literal cell-by-cell dynamic programme. Every task score and abstention rate must be
+   equal; the wall times are compared (same number of processes).
 Prints each figure and the ratio baseline/ours, all measured in this run.
 """
 import argparse
-import json
 import os
 import sys
 import time
@@ -28,7 +32,7 @@ def main():
                     help="folder with LawBench's predictions/ (default ../shared/lawbench)")
     ap.add_argument("--num-proc", type=int, default=2, help="worker processes for the full run (default 2)")
     ap.add_argument("--sentences", type=int, default=40, help="2-1 sentences per model for the alignment comparison")
-    ap.add_argument("--parts", default="1,2,3", help="which measurements to run (default 1,2,3)")
+    ap.add_argument("--parts", default="1,2,3,4", help="which measurements to run (default 1,2,3,4)")
     args = ap.parse_args()
     preds = os.path.join(args.shared, "predictions")
 
@@ -41,6 +45,8 @@ def main():
     if "3" in parts:
         for model in ("GPT4", "chatglm2-6b-hf"):
             alignment_vs_literal(os.path.join(preds, "zero_shot", model), model, args.sentences)
+    if "4" in parts:
+        whole_scorer_vs_straightforward(preds, args.num_proc)
 
 
 def full_run(preds, num_proc):
@@ -96,6 +102,66 @@ def alignment_vs_literal(folder, model, sentences):
     assert fast == slow
     print(f"[3] 2-1 alignment, {model}, {len(pairs)} sentences: literal DP {slow_t:.2f} s, ours {fast_t:.2f} s, "
           f"ratio {slow_t / fast_t:.1f}x (identical alignments)")
+
+
+def per_item_rouge(predictions, references):
+    """ROUGE-L the way LawBench computes it: jieba, then rouge_chinese's get_scores, item by item."""
+    import jieba
+    from rouge_chinese import Rouge
+    rouge = Rouge()
+    scores, errors = [], []
+    for i, (pred, ref) in enumerate(zip(predictions, references)):
+        hyp = " ".join(jieba.cut(pred))
+        try:
+            scores.append(rouge.get_scores(hyp if hyp.strip() else "无内容", " ".join(jieba.cut(ref)))[0]["rouge-l"]["f"])
+        except ValueError as exc:
+            scores.append(0.0)
+            errors.append((i, f"rouge_chinese: {exc}; scored 0"))
+    return scores, errors
+
+
+def literal_align_arrays(src, tgt):
+    """tests/test_cherrant.py's literal dynamic programme, in the form the scorer consumes:
+    (ops bitmask, window length found, windows compared) per cell."""
+    import numpy as np
+    from test_cherrant import literal_alignment
+    scans = {}
+    cells = literal_alignment(src, tgt, scans)
+    n, m = len(src), len(tgt)
+    bits = {"M": E.OP_M, "S": E.OP_S, "I": E.OP_I, "D": E.OP_D, "T": E.OP_T}
+    ops = np.zeros((n + 1, m + 1), dtype=np.int64)
+    ops[1:, 0], ops[0, 1:] = E.OP_D, E.OP_I
+    ktrans = np.zeros((n + 1, m + 1), dtype=np.int64)
+    iters = np.zeros((n, m), dtype=np.int64)
+    for (a, b), (names, _) in cells.items():
+        ops[a, b] = sum(bits[x] for x in names)
+    for (a, b), (klen, compared) in scans.items():
+        ktrans[a, b], iters[a - 1, b - 1] = klen, compared
+    return ops, ktrans, iters
+
+
+def whole_scorer_vs_straightforward(preds, num_proc):
+    def score_all():
+        t = time.time()
+        reports = {s: E.score_predictions(preds, s, num_proc=num_proc, progress=False) for s in ("zero_shot", "one_shot")}
+        return reports, time.time() - t
+
+    ours, ours_t = score_all()
+    fast_rouge, fast_align = E.rouge_l, E.cherrant_align
+    E.rouge_l, E.cherrant_align = per_item_rouge, literal_align_arrays  # worker processes fork with these
+    try:
+        base, base_t = score_all()
+    finally:
+        E.rouge_l, E.cherrant_align = fast_rouge, fast_align
+    n = differ = 0
+    for setting in ours:
+        for model, entry in ours[setting]["models"].items():
+            for task, r in entry["tasks"].items():
+                b = base[setting]["models"][model]["tasks"][task]
+                n += 1
+                differ += (r["score"], r.get("abstention_rate")) != (b["score"], b.get("abstention_rate"))
+    print(f"[4] whole scorer, {n} files: straightforward {base_t:.1f} s, ours {ours_t:.1f} s wall "
+          f"({num_proc} processes), ratio {base_t / ours_t:.1f}x; files with a different score or abstention: {differ}")
 
 
 if __name__ == "__main__":

@@ -8,10 +8,11 @@ import pytest
 import evaluate as E
 
 
-def literal_alignment(src, tgt):
+def literal_alignment(src, tgt, scans=None):
     """ChERRANT's alignment, written the slow, obvious way: per cell, substitution / insertion /
     deletion, and a transposition found by scanning k = 1, 2, ... back along the diagonal while the
-    diagonal cost changes, comparing sorted windows. Returns {(a, b): (set of ops, k+1 or 0)}."""
+    diagonal cost changes, comparing sorted windows. Returns {(a, b): (set of ops, k+1 or 0)}.
+    `scans`, a dict, receives per mismatched cell (window length found or 0, windows compared)."""
     n, m = len(src), len(tgt)
     vocab_s, vocab_t = sorted(set(src)), sorted(set(tgt))
     table = E.substitution_costs(vocab_s, vocab_t)
@@ -29,13 +30,16 @@ def literal_alignment(src, tgt):
                 out[i + 1, j + 1] = ({"M"}, 0)
                 continue
             options = {"S": cost[i][j] + sub[src[i], tgt[j]], "I": cost[i + 1][j] + 1, "D": cost[i][j + 1] + 1}
-            k, klen = 1, 0
+            k, klen, compared = 1, 0, 0
             while i - k >= 0 and j - k >= 0 and cost[i - k + 1][j - k + 1] != cost[i - k][j - k]:
+                compared += 1
                 if sorted(src[i - k:i + 1]) == sorted(tgt[j - k:j + 1]):
                     options["T"] = cost[i - k][j - k] + k
                     klen = k + 1
                     break
                 k += 1
+            if scans is not None:
+                scans[i + 1, j + 1] = (klen, compared)
             best = min(options.values())
             cost[i + 1][j + 1] = best
             ops = {name for name, c in options.items() if c == best}
