@@ -1260,6 +1260,10 @@ def atomic_write(path, write):
         raise
 
 
+def write_json(path, obj):
+    atomic_write(path, lambda f: f.write(json.dumps(obj, ensure_ascii=False, indent=1).encode("utf-8")))
+
+
 def _fmt(x, digits=2):
     return "-" if x is None else f"{x:.{digits}f}"
 
@@ -1327,8 +1331,7 @@ def plot_scores(report, f):
 
 
 def write_outputs(report, out_dir):
-    atomic_write(os.path.join(out_dir, "scores.json"),
-                 lambda f: f.write(json.dumps(report, ensure_ascii=False, indent=1).encode("utf-8")))
+    write_json(os.path.join(out_dir, "scores.json"), report)
     atomic_write(os.path.join(out_dir, "scores.csv"), lambda f: write_csv(report, f))
     atomic_write(os.path.join(out_dir, "scores.png"), lambda f: plot_scores(report, f))
 
@@ -1336,12 +1339,18 @@ def write_outputs(report, out_dir):
 # ----------------------------------------------------------------------------------------------
 # Command line
 
-def cmd_score(args):
-    started = time.time()
-    tasks = args.tasks.split(",") if args.tasks else None
+def parse_tasks(spec):
+    """--tasks "1-1,3-3" -> ["1-1", "3-3"]; None when not given (all tasks)."""
+    tasks = spec.split(",") if spec else None
     unknown = [t for t in tasks or [] if t not in TASKS]
     if unknown:
         raise SystemExit(f"error: unknown task id(s) {unknown}; LawBench tasks are {', '.join(TASKS)}")
+    return tasks
+
+
+def cmd_score(args):
+    started = time.time()
+    tasks = parse_tasks(args.tasks)
     report = score_predictions(args.predictions, args.setting, args.models.split(",") if args.models else None,
                                tasks, args.num_proc, progress=not args.quiet)
     if report is None:
@@ -1477,10 +1486,7 @@ def model_fingerprint(path):
 
 def cmd_generate(args):
     from tqdm import tqdm
-    tasks = args.tasks.split(",") if args.tasks else list(TASKS)
-    unknown = [t for t in tasks if t not in TASKS]
-    if unknown:
-        raise SystemExit(f"error: unknown task id(s) {unknown}; LawBench tasks are {', '.join(TASKS)}")
+    tasks = parse_tasks(args.tasks) or list(TASKS)
     data = {t: load_lawbench_task(args.lawbench_data, args.setting, t)[:args.limit] for t in tasks}
     model, tok, stop_ids = load_generator(args.model, args.trust_remote_code)
     if not tok.chat_template:
@@ -1500,8 +1506,7 @@ def cmd_generate(args):
         if existing or os.path.isdir(partial_dir):
             raise SystemExit(f"error: {args.out} already holds predictions of unknown origin; use another --out")
     os.makedirs(partial_dir, exist_ok=True)
-    write_meta = lambda m: atomic_write(meta_path, lambda f: f.write(json.dumps(m, ensure_ascii=False, indent=1).encode("utf-8")))  # noqa: E731
-    write_meta({**meta, "tasks": {}})
+    write_json(meta_path, {**meta, "tasks": {}})
     meta["tasks"] = {}
     started = time.time()
     for task in tasks:
@@ -1517,12 +1522,12 @@ def cmd_generate(args):
                                       args.batch_size, args.max_new_tokens, bar)
         preds = {str(i): {"origin_prompt": [{"role": "HUMAN", "prompt": lawbench_prompt(it)}],
                           "prediction": done[i], "refr": it["answer"]} for i, it in enumerate(items)}
-        atomic_write(final, lambda f: f.write(json.dumps(preds, ensure_ascii=False, indent=1).encode("utf-8")))
+        write_json(final, preds)
         os.unlink(partial)
         meta["tasks"][task] = {"items": len(items), "resumed_items": resumed, "prompts_truncated": truncated}
     if not os.listdir(partial_dir):
         os.rmdir(partial_dir)
-    write_meta(meta)  # a dot-file: the scorer reads DIR/<task>.json only
+    write_json(meta_path, meta)  # a dot-file: the scorer reads DIR/<task>.json only
     print(f"Generated {sum(len(v) for v in data.values())} predictions for {len(tasks)} task(s) in "
           f"{time.time() - started:.0f} s -> {args.out}", file=sys.stderr)
     return 0
