@@ -52,6 +52,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from evaluate import atomic_write, write_json
+
 # ----------------------------------------------------------------------------------------------
 # Packing
 
@@ -201,18 +203,23 @@ def lm_loss_sum(hidden, lm_head_weight, labels, chunk):
     return ChunkedLMHeadCE.apply(h, lm_head_weight.to(h.dtype), targets[keep], chunk)
 
 
+def varlen_kwargs(batch, device, flash):
+    """Sample boundaries for flash-attention's varlen kernel (other attentions read them from
+    position_ids)."""
+    if not flash:
+        return {}
+    cu = batch["cu_seqlens"].to(device)
+    return dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=batch["max_seqlen"], max_length_k=batch["max_seqlen"])
+
+
 def packed_loss_sum(model, batch, chunk, flash=False):
     """Forward one pack through a causal LM; return the summed CE of its trained tokens.
 
     No attention_mask and use_cache=False: that is the state in which transformers reads sample
     boundaries from position_ids (with a cache, or with an all-ones mask, it would silently let
     the samples attend to each other). For flash-attention the boundaries go in explicitly."""
-    extra = {}
-    if flash:
-        cu = batch["cu_seqlens"].to(batch["input_ids"].device)
-        extra = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=batch["max_seqlen"],
-                     max_length_k=batch["max_seqlen"])
-    out = model.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False, **extra)
+    out = model.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
+                      **varlen_kwargs(batch, batch["input_ids"].device, flash))
     return lm_loss_sum(out.last_hidden_state, model.lm_head.weight, batch["labels"], chunk)
 
 
@@ -255,13 +262,9 @@ def check_isolation(model, flash=False):
     dev = next(model.parameters()).device
     samples = [{"input_ids": a, "labels": a}, {"input_ids": b, "labels": b}]
     packed = collate_pack(samples, len(a) + len(b))
-    extra = {}
-    if flash:
-        cu = packed["cu_seqlens"].to(dev)
-        extra = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=9, max_length_k=9)
     with torch.no_grad():
         h = model.model(input_ids=packed["input_ids"].to(dev), position_ids=packed["position_ids"].to(dev),
-                        use_cache=False, **extra).last_hidden_state[0, len(a):].float()
+                        use_cache=False, **varlen_kwargs(packed, dev, flash)).last_hidden_state[0, len(a):].float()
         alone = model.model(input_ids=b[None].to(dev), use_cache=False).last_hidden_state[0].float()
     if not (torch.isfinite(h).all() and torch.isfinite(alone).all()):
         raise RuntimeError("the model produces non-finite hidden states on a 16-token input: broken weights?")
@@ -330,11 +333,22 @@ def internlm2_to_llama_tensors(state, n_heads, n_kv_heads):
             out[f"{prefix}.self_attn.v_proj.{suffix}"] = g[:, -1].reshape(-1, *w.shape[1:]).clone()
             continue
         for old, new in INTERNLM2_RENAMES:
-            if name.startswith(old) or old in name and old.startswith("."):
-                name = new + name[len(old):] if name.startswith(old) else name.replace(old, new)
+            if old.startswith(".") and old in name:  # a module inside a layer
+                name = name.replace(old, new)
+                break
+            if name.startswith(old):  # a top-level module
+                name = new + name[len(old):]
                 break
         out[name] = w
     return out
+
+
+def staging_dir(final):
+    """An empty folder beside `final` to build it in; prepare_data.replace_dir swaps it in."""
+    tmp = final.rstrip("/") + f".tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    return tmp
 
 
 def weight_files(path):
@@ -354,9 +368,7 @@ def convert_internlm2(src, dst, trust_remote_code=False):
     files = weight_files(src)
     if not files:
         raise FileNotFoundError(f"{src}: no *.safetensors or pytorch_model*.bin weight files")
-    tmp = dst.rstrip("/") + f".tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    tmp = staging_dir(dst)
     weight_map = {}
     for i, file in enumerate(files):
         state = load_file(file) if file.endswith(".safetensors") else torch.load(file, map_location="cpu", weights_only=True)
@@ -460,8 +472,7 @@ def save_model(model, tokenizer, out, dtype=None, extra_files=None, state=None):
     Weights are stored in `dtype` (the starting checkpoint's, e.g. bf16), not the fp32 masters;
     `state` replaces the model's own state dict (ZeRO-3: the gathered 16-bit weights)."""
     from prepare_data import replace_dir
-    tmp = out.rstrip("/") + f".tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = staging_dir(out)
     state = {k: v.to(dtype) if dtype and v.is_floating_point() else v
              for k, v in (state if state is not None else model.state_dict()).items()}
     model.save_pretrained(tmp, state_dict=state)
@@ -502,21 +513,12 @@ def plot_loss(log_path, png):
     fig.legend(loc="upper center", bbox_to_anchor=(0.5, 0.88))
     ax.set_title(os.path.basename(os.path.dirname(os.path.abspath(log_path))))
     fig.tight_layout()
-    tmp = png + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
+    atomic_write(png, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)
-    os.replace(tmp, png)
 
 
 # ----------------------------------------------------------------------------------------------
 # Checkpoints: <run>/checkpoints/step-000123/ plus a `latest` file naming the newest complete one
-
-
-def write_text_atomic(path, text):
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def latest_checkpoint(ckpt_root):
@@ -565,7 +567,7 @@ def save_checkpoint(ckpt_root, step, engine, model, opt, sched, rank, keep):
         final = os.path.join(ckpt_root, tag)
         shutil.rmtree(final, ignore_errors=True)
         os.rename(tmp, final)
-        write_text_atomic(os.path.join(ckpt_root, "latest"), tag)
+        atomic_write(os.path.join(ckpt_root, "latest"), lambda f: f.write(tag.encode()))
         old = sorted(d for d in os.listdir(ckpt_root) if d.startswith("step-") and not d.endswith(".tmp"))
         for d in old[:-keep]:
             shutil.rmtree(os.path.join(ckpt_root, d), ignore_errors=True)
@@ -857,11 +859,12 @@ def main(argv=None):
     if not len(idx):
         sys.exit(f"error: no trainable sample in {data_name} (counts: {counts})")
     packs0 = pack_best_fit(sel_len, args.max_len, args.seed, 0)
+    fill0 = fill_efficiency(packs0, sel_len, args.max_len)
     steps_per_epoch = len(step_plan(len(packs0), world, args.grad_accum))
     total_steps = args.max_steps or max(1, math.ceil(args.epochs * steps_per_epoch))
     warmup = int(args.warmup_ratio * total_steps)
     log(f"data: {counts['read']} samples in {data_name}, {counts['kept']} trainable ({counts}); "
-        f"{len(packs0)} packs of <= {args.max_len} tokens, fill {fill_efficiency(packs0, sel_len, args.max_len):.2%}; "
+        f"{len(packs0)} packs of <= {args.max_len} tokens, fill {fill0:.2%}; "
         f"{steps_per_epoch} steps/epoch on {world} rank(s) x {args.grad_accum} packs; {total_steps} steps")
 
     # --- model, optimizer, schedule; DeepSpeed or plain PyTorch
@@ -940,7 +943,7 @@ def main(argv=None):
     start = args.resume if args.resume not in ("auto", "none") else (latest_checkpoint(ckpt_root) if args.resume == "auto" else None)
     config = {**vars(args), "model_resolved": model_path, "world_size": world, "attention": attn, "compute_dtype": dtype,
               "zero_stage": zero_stage, "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
-              "data_counts": counts, "fill": fill_efficiency(packs0, sel_len, args.max_len)}
+              "data_counts": counts, "fill": fill0}
     step = 0
     if start:
         saved_file = os.path.join(run_dir, "train_config.json")
@@ -955,10 +958,10 @@ def main(argv=None):
     os.makedirs(run_dir, exist_ok=True)
     log_path = os.path.join(run_dir, "log.jsonl")
     if master:
-        write_text_atomic(os.path.join(run_dir, "train_config.json"), json.dumps(config, indent=1, ensure_ascii=False))
+        write_json(os.path.join(run_dir, "train_config.json"), config)
         # keep the log of the steps the checkpoint contains; anything after it is redone
         kept = [line for line in open(log_path) if json.loads(line)["step"] <= step] if step and os.path.exists(log_path) else []
-        write_text_atomic(log_path, "".join(kept))
+        atomic_write(log_path, lambda f: f.write("".join(kept).encode()))
     log_file = open(log_path, "a") if master else None
     tb = SummaryWriter(os.path.join(run_dir, "tensorboard")) if master and args.tensorboard else None
 
@@ -1057,9 +1060,10 @@ def main(argv=None):
     if args.lora:
         if master:
             from prepare_data import replace_dir
-            tmp = os.path.join(run_dir, f"final-adapter.tmp-{os.getpid()}")
+            adapter = os.path.join(run_dir, "final-adapter")
+            tmp = staging_dir(adapter)
             peft_model.save_pretrained(tmp)
-            replace_dir(tmp, os.path.join(run_dir, "final-adapter"))
+            replace_dir(tmp, adapter)
             merged = peft_model.merge_and_unload()
             save_model(merged, tokenizer, final, stored_dtype, {"train_config.json": config})
     elif engine is not None and zero_stage == 3:

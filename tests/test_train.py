@@ -4,7 +4,6 @@ mean, chunked cross-entropy and the InternLM2 -> Llama conversion.
 Every claim is checked against an independent computation: per-sample forwards for packing,
 one big batch for accumulation, torch's full cross-entropy for the chunked loss, and a plain
 re-implementation of InternLM2's forward for the conversion."""
-import glob
 import json
 import math
 import os
@@ -95,18 +94,6 @@ def reference_best_fit_loads(lengths, max_len):
     return sorted(loads)
 
 
-def legal_lengths(shared, n=200_000, seed=0):
-    """Token lengths shaped like legal SFT data: the character lengths of every LawBench item
-    (instruction + question + answer, both settings; statute questions, judgments, consultations),
-    at ~1.4 characters per token, resampled to n samples."""
-    chars = []
-    for f in glob.glob(os.path.join(shared, "data", "*", "*.json")):
-        for it in json.load(open(f, encoding="utf-8")):
-            chars.append(len(it["instruction"]) + len(it["question"]) + len(it["answer"]) + 20)
-    tokens = np.maximum(8, (np.array(chars) / 1.4).astype(np.int64))
-    return np.random.default_rng(seed).choice(tokens, n)
-
-
 def test_packs_never_split_a_sample_and_use_each_exactly_once():
     lengths = np.random.default_rng(1).integers(1, 5000, 20_000)
     packs = train.pack_best_fit(lengths, 8192, seed=3)
@@ -123,7 +110,10 @@ def test_best_fit_equals_the_obvious_implementation():
 
 
 def test_fill_at_32k_on_legal_lengths_is_at_least_99_percent_and_beats_greedy(shared):
-    lengths = legal_lengths(shared)
+    # token lengths shaped like legal SFT data: every LawBench item (both settings) at ~1.4
+    # characters per token, resampled to 200k samples -- what bench/packing.py measures
+    from bench.packing import lawbench_lengths
+    lengths, _ = lawbench_lengths(os.path.join(shared, "data"), 200_000)
     assert 150 < np.median(lengths) < 1500 and lengths.max() > 4000  # short QA to long judgments
     ours = train.pack_best_fit(lengths, 32768)
     naive = greedy_pack(lengths, 32768)
