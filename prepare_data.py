@@ -121,11 +121,10 @@ JUDGE_RUBRIC = (
 )
 
 # LawBench contamination (see "LawBench decontamination" below; thresholds from the precision /
-# recall measurement in BENCHMARKS.md, bench/decontam_eval.py)
-DECONTAM_NGRAM = 13          # character n-grams of the overlap
-DECONTAM_MIN_COVERAGE = 0.5  # share of a question's informative characters a record covers ...
-DECONTAM_MIN_SPAN = 50       # ... or a contiguous run of that many of them ...
-DECONTAM_MIN_CHARS = 20      # ... and never fewer characters than this
+# recall curve of bench/filter_eval.py, BENCHMARKS.md)
+DECONTAM_NGRAM = 13           # character n-grams of the overlap
+DECONTAM_MIN_COVERAGE = 0.5   # share of a question's informative characters a record covers ...
+DECONTAM_MIN_SPAN = 50        # ... or a contiguous run of that many of them (a long question cut short)
 DECONTAM_CORPUS_MAX_DF = 100  # an n-gram in more distinct records than this is phrasing
 NGRAM_MINHASH = 5     # near-duplicate shingles: character 5-grams
 MINHASH_SCHEME = "affine32"  # datasketch's 32-bit permutations
@@ -747,8 +746,7 @@ def question_match(bench, q, shared, phrasing):
 
 
 def is_contamination(m, cfg):
-    return m["covered"] >= cfg["decontam_min_chars"] and (
-        m["coverage"] >= cfg["decontam_min_coverage"] or m["longest"] >= cfg["decontam_min_span"])
+    return m["coverage"] >= cfg["decontam_min_coverage"] or m["longest"] >= cfg["decontam_min_span"]
 
 
 def find_contamination(hits, text_hash, bench, cfg, check=None):
@@ -1109,8 +1107,8 @@ def markdown_report(rep):
         n = d["ngram"]
         lines += ["## LawBench decontamination", "",
                   f"A record is contaminated when it covers >= {d['min_coverage']:.0%} of a question's informative "
-                  f"characters, or a contiguous run of >= {d['min_span']} of them, and >= {d['min_chars']} characters "
-                  f"in either case (character {n}-grams). {d['questions']} distinct questions; {d['ngrams']} "
+                  f"characters, or a contiguous run of >= {d['min_span']} of them (character {n}-grams). "
+                  f"{d['questions']} distinct questions; {d['ngrams']} "
                   f"{n}-grams used as evidence; not evidence: {d['boilerplate_ngrams']} boilerplate {n}-grams "
                   f"(in > {d['max_df']} questions), {d['statute_ngrams']} of statute text and citations "
                   f"({d['ignore_statutes'] or 'not given'}), {d['phrasing_ngrams']} phrasing of this data "
@@ -1190,9 +1188,7 @@ def parse_args(argv):
                         "characters (default %(default)s) ...")
     p.add_argument("--decontam-min-span", type=int, default=DECONTAM_MIN_SPAN,
                    help="... or a contiguous run of at least this many of them (a long question cut short; "
-                        "default %(default)s) ...")
-    p.add_argument("--decontam-min-chars", type=int, default=DECONTAM_MIN_CHARS,
-                   help="... and in either case at least this many characters (default %(default)s)")
+                        "default %(default)s)")
     p.add_argument("--decontam-max-df", type=int, default=20,
                    help="n-grams in more than this many distinct LawBench questions are boilerplate, not evidence "
                         "(default %(default)s)")
@@ -1232,7 +1228,7 @@ def main(argv=None):
         "trust_remote_code": args.trust_remote_code, "judge_batch_size": args.judge_batch_size,
         "judge_max_new_tokens": args.judge_max_new_tokens,
         "decontam_ngram": args.decontam_ngram, "decontam_min_coverage": args.decontam_min_coverage,
-        "decontam_min_span": args.decontam_min_span, "decontam_min_chars": args.decontam_min_chars,
+        "decontam_min_span": args.decontam_min_span,
         "decontam_max_df": args.decontam_max_df, "decontam_corpus_max_df": args.decontam_corpus_max_df,
     }
     if cfg["general_ratio"] is not None and not (cfg["general_ratio"] == -1 or 0 <= cfg["general_ratio"] < 1):
@@ -1462,7 +1458,7 @@ def main(argv=None):
         hits = Counter(t for m in contaminated.values() for t in bench["tasks_of"][m["q"]])
         report["decontamination"] = {"folder": args.decontaminate, "max_df": args.decontam_max_df,
                                      "ngram": cfg["decontam_ngram"], "min_coverage": cfg["decontam_min_coverage"],
-                                     "min_span": cfg["decontam_min_span"], "min_chars": cfg["decontam_min_chars"],
+                                     "min_span": cfg["decontam_min_span"],
                                      "corpus_max_df": cfg["decontam_corpus_max_df"],
                                      "questions": bench["questions"], "ngrams": bench["ngrams"],
                                      "boilerplate_ngrams": bench["boilerplate_ngrams"],

