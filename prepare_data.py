@@ -654,12 +654,13 @@ def repetition_rule(text, max_dup_ngram_share=MAX_DUP_NGRAM_SHARE):
 # citation phrasing ("根据中华人民共和国道路交通…") with a few questions all the time. Only
 # informative n-grams count as evidence; an n-gram is not informative when it is
 #   - boilerplate of LawBench itself (in more than --decontam-max-df distinct questions),
-#   - statute text or a statute citation (--decontam-ignore-statutes), or
+#   - statute text (--decontam-ignore-statutes), or
 #   - phrasing of the data being prepared (in more than --decontam-corpus-max-df distinct records).
-# A question's informative characters are those inside its informative n-grams; a record covers
-# the ones inside the informative n-grams it shares. Every edit leaves the characters around it
-# covered, so verbatim, re-punctuated, re-spaced, lightly edited, embedded, cut and reordered
-# copies of a question all keep most of its characters covered.
+# A question's informative characters are those inside its informative n-grams, less those of its
+# statute citations (law name + 第…条); a record covers the ones inside the informative n-grams
+# it shares. Every edit leaves the characters around it covered, so verbatim, re-punctuated,
+# re-spaced, lightly edited, embedded, cut and reordered copies of a question all keep most of
+# its characters covered, while one coincidental n-gram (< --decontam-min-chars) is not enough.
 
 def statute_ngrams(spec, n):
     """n-gram hashes of a statute table, each article also with its citation in front ("刑法第二百
@@ -681,12 +682,13 @@ _ARTICLE = re.compile(r"第[零〇一二两三四五六七八九十百千\d]+条
                       r"(?:第[零〇一二两三四五六七八九十百千\d]+[款项])*")
 
 
-def citation_mask(norm, law_names):
+def citation_mask(norm, law_names, lengths=None):
     """Characters of a normalised text that belong to a statute citation: every "第…条(第…款)"
-    and the law name right before it when it is one of `law_names`. A question's citations say
-    which article it is about; a record citing the same article has not seen the question."""
+    and the law name right before it when it is one of `law_names` (`lengths`: their lengths,
+    longest first, computed once by the caller). A question's citations say which article it is
+    about; a record citing the same article has not seen the question."""
     mask = np.zeros(len(norm), bool)
-    lengths = sorted({len(x) for x in law_names}, reverse=True)
+    lengths = lengths or sorted({len(x) for x in law_names}, reverse=True)
     for m in _ARTICLE.finditer(norm):
         start = m.start()
         for k in lengths:
@@ -754,8 +756,10 @@ def load_benchmark_index(folder, n, max_df, ignore=None, law_names=frozenset()):
     idx = np.searchsorted(hashes, positions).clip(max=max(len(hashes) - 1, 0))
     ids = np.where(hashes[idx] == positions, idx, -1).astype(np.int32) if len(hashes) else np.full(len(positions), -1, np.int32)
     grams = np.split(ids, np.cumsum([len(h) for h in per_q])[:-1]) if per_q else []
+    name_lengths = sorted({len(x) for x in law_names}, reverse=True)
     return {"n": n, "hashes": hashes, "post_start": post_start, "post_q": post_q, "norm": questions,
-            "grams": grams, "cite": [citation_mask(q, law_names) for q in questions], "raw": [first[q][0] for q in questions], "ref": [first[q][1] for q in questions],
+            "grams": grams, "cite": [citation_mask(q, law_names, name_lengths) for q in questions],
+            "raw": [first[q][0] for q in questions], "ref": [first[q][1] for q in questions],
             "tasks_of": [sorted(first[q][2]) for q in questions],
             "tasks": sorted({t for e in first.values() for t in e[2]}, key=lambda t: tuple(map(int, t.split("-")))),
             "questions": len(first), "short_questions": len(first) - len(questions),
@@ -1156,11 +1160,12 @@ def markdown_report(rep):
         n = d["ngram"]
         lines += ["## LawBench decontamination", "",
                   f"A record is contaminated when it covers >= {d['min_coverage']:.0%} of a question's informative "
-                  f"characters, or a contiguous run of >= {d['min_span']} of them (character {n}-grams). "
-                  f"{d['questions']} distinct questions; {d['ngrams']} "
+                  f"characters, or a contiguous run of >= {d['min_span']} of them, and >= {d['min_chars']} characters "
+                  f"(all of a shorter question; character {n}-grams). {d['questions']} distinct questions; {d['ngrams']} "
                   f"{n}-grams used as evidence; not evidence: {d['boilerplate_ngrams']} boilerplate {n}-grams "
-                  f"(in > {d['max_df']} questions), {d['statute_ngrams']} of statute text and citations "
-                  f"({d['ignore_statutes'] or 'not given'}), {d['phrasing_ngrams']} phrasing of this data "
+                  f"(in > {d['max_df']} questions), {d['statute_ngrams']} of statute text "
+                  f"({d['ignore_statutes'] or 'not given'}; its citations in questions are masked too), "
+                  f"{d['phrasing_ngrams']} phrasing of this data "
                   f"(in > {d['corpus_max_df']} records); {d['short_questions']} questions shorter than {n} "
                   f"characters are not checkable. {d['questions_matched']} questions matched.", "",
                   "| task | records removed |", "|---|---|"]
@@ -1171,7 +1176,12 @@ def markdown_report(rep):
                   f"Every dropped record, one JSON line each (source, id, where, reason; the LawBench item and the "
                   f"matched spans for `contaminated`; the record kept instead for duplicates; the stage for stage "
                   f"reasons): `{rep['dropped_records']['file']}`, {rep['dropped_records']['lines']} lines. "
-                  "For example `grep '\"reason\": \"contaminated\"' dropped.jsonl`.", ""]
+                  "For example `grep '\"reason\": \"contaminated\"' dropped.jsonl`.", "",
+                  "| reason | lines | of which in stage 1 / stage 2 |", "|---|---|---|"]
+        by = rep["dropped_records"]["by_reason"]
+        lines += [f"| {r} | {c['lines']} | " + (f"{c.get('stage1', 0)} / {c.get('stage2', 0)}" if r in STAGE_REASONS else "-")
+                  + " |" for r, c in by.items()]
+        lines.append("")
     problems = [(n, r, w) for n, s in rep["sources"].items() for r, ws in s["examples"].items() for w in ws]
     if problems:
         lines += ["## Examples of dropped input", "", "| source | reason | where |", "|---|---|---|"]
@@ -1521,7 +1531,11 @@ def main(argv=None):
                                      "questions_matched": len({m["q"] for m in contaminated.values()}),
                                      "hits_per_task": {t: hits.get(t, 0) for t in bench["tasks"]}}
     audit = [line for _, line in sorted(audit, key=lambda kv: kv[0])]
-    report["dropped_records"] = {"file": "dropped.jsonl", "lines": len(audit)}
+    by_reason = {r: Counter() for r in REASONS}
+    for line in audit:
+        by_reason[line["reason"]].update({"lines": 1, **({f"stage{line['stage']}": 1} if "stage" in line else {})})
+    report["dropped_records"] = {"file": "dropped.jsonl", "lines": len(audit),
+                                 "by_reason": {r: dict(c) for r, c in by_reason.items() if c}}
     if judge_info:
         report["judge"] = judge_info
 

@@ -276,6 +276,8 @@ def test_every_rule_drops_what_it_should_and_keeps_the_rest(tmp_path, bpe_tokeni
     with open(os.path.join(out, "dropped.jsonl"), encoding="utf-8") as f:
         audit = [json.loads(line) for line in f]
     assert "dropped.jsonl" in md and rep["dropped_records"]["lines"] == len(audit)
+    assert rep["dropped_records"]["by_reason"] == {reason: {"lines": 1} for _, reason in bad}
+    assert "| contaminated | 1 | - |" in md
     by_reason = {d["reason"]: d for d in audit if d["source"] == "rules"}
     assert sorted(by_reason) == sorted(reason for _, reason in bad) and len(audit) == len(bad)
     assert by_reason["unparseable"]["where"] == f"{path}:{len(good) + 1}"
