@@ -59,6 +59,8 @@ from collections import Counter, defaultdict
 
 import numpy as np
 
+from common import fail, log, replace_dir
+
 
 # ----------------------------------------------------------------------------------------------
 # Names of every way a record can leave the pipeline, in the order the checks run.
@@ -143,14 +145,6 @@ GOPHER_LINE_PARA = {"dup_para_frac": 0.3, "dup_para_char_frac": 0.2, "dup_line_f
 DUP_NGRAM_SIZES = range(5, 11)
 MAX_DUP_NGRAM_SHARE = 0.6
 SHOW_PROBLEMS = 5     # file:line examples per source and reason in report.md (all are in dropped.jsonl)
-
-
-def log(msg):
-    print(msg, file=sys.stderr, flush=True)
-
-
-def fail(msg):
-    raise SystemExit(f"error: {msg}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -907,17 +901,6 @@ def train_bpe_tokenizer(texts, vocab_size, path):
     tmp = tempfile.mkdtemp(prefix=".tok-", dir=os.path.dirname(os.path.abspath(path)))
     tok.save_pretrained(tmp)
     replace_dir(tmp, path)
-
-
-def replace_dir(tmp, final):
-    """Move a finished folder into place; the old one (if any) is removed only afterwards."""
-    old = None
-    if os.path.exists(final):
-        old = final.rstrip("/") + f".old-{os.getpid()}"
-        os.rename(final, old)
-    os.rename(tmp, final)
-    if old:
-        shutil.rmtree(old)
 
 
 def assistant_spans(text, messages, eot):

@@ -52,7 +52,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from evaluate import atomic_write, write_json
+from common import atomic_write, replace_dir, staging_dir, write_json
 
 # ----------------------------------------------------------------------------------------------
 # Packing
@@ -343,14 +343,6 @@ def internlm2_to_llama_tensors(state, n_heads, n_kv_heads):
     return out
 
 
-def staging_dir(final):
-    """An empty folder beside `final` to build it in; prepare_data.replace_dir swaps it in."""
-    tmp = final.rstrip("/") + f".tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    return tmp
-
-
 def weight_files(path):
     """The checkpoint's weight shards: safetensors preferred, PyTorch .bin otherwise."""
     files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
@@ -362,7 +354,6 @@ def convert_internlm2(src, dst, trust_remote_code=False):
     by shard so memory stays at one shard. The tokenizer and its chat template come along."""
     from safetensors.torch import load_file, save_file
     from transformers import AutoTokenizer
-    from prepare_data import replace_dir
     with open(os.path.join(src, "config.json")) as f:
         cfg = json.load(f)
     files = weight_files(src)
@@ -471,7 +462,6 @@ def save_model(model, tokenizer, out, dtype=None, extra_files=None, state=None):
     """Hugging Face folder (safetensors + config + tokenizer + chat template), written atomically.
     Weights are stored in `dtype` (the starting checkpoint's, e.g. bf16), not the fp32 masters;
     `state` replaces the model's own state dict (ZeRO-3: the gathered 16-bit weights)."""
-    from prepare_data import replace_dir
     tmp = staging_dir(out)
     state = {k: v.to(dtype) if dtype and v.is_floating_point() else v
              for k, v in (state if state is not None else model.state_dict()).items()}
@@ -1059,7 +1049,6 @@ def main(argv=None):
     final = os.path.join(run_dir, "final")
     if args.lora:
         if master:
-            from prepare_data import replace_dir
             adapter = os.path.join(run_dir, "final-adapter")
             tmp = staging_dir(adapter)
             peft_model.save_pretrained(tmp)

@@ -23,6 +23,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+import cherrant as C  # noqa: E402
 import evaluate as E  # noqa: E402
 
 
@@ -91,10 +92,10 @@ def alignment_vs_literal(folder, model, sentences):
     for it in items[:sentences]:
         s, p, _ = E.cherrant_prepare(it["prompt"], it["prediction"], it["refr"])
         if s != p:
-            pairs.append((E.cherrant_tokens(s), E.cherrant_tokens(p)))
-    E.cherrant_align(*pairs[0])  # load resources outside the timing
+            pairs.append((C.cherrant_tokens(s), C.cherrant_tokens(p)))
+    C.cherrant_align(*pairs[0])  # load resources outside the timing
     t = time.time()
-    fast = [decode(*E.cherrant_align(s, p)[:2]) for s, p in pairs]
+    fast = [decode(*C.cherrant_align(s, p)[:2]) for s, p in pairs]
     fast_t = time.time() - t
     t = time.time()
     slow = [literal_alignment(s, p) for s, p in pairs]
@@ -128,9 +129,9 @@ def literal_align_arrays(src, tgt):
     scans = {}
     cells = literal_alignment(src, tgt, scans)
     n, m = len(src), len(tgt)
-    bits = {"M": E.OP_M, "S": E.OP_S, "I": E.OP_I, "D": E.OP_D, "T": E.OP_T}
+    bits = {"M": C.OP_M, "S": C.OP_S, "I": C.OP_I, "D": C.OP_D, "T": C.OP_T}
     ops = np.zeros((n + 1, m + 1), dtype=np.int64)
-    ops[1:, 0], ops[0, 1:] = E.OP_D, E.OP_I
+    ops[1:, 0], ops[0, 1:] = C.OP_D, C.OP_I
     ktrans = np.zeros((n + 1, m + 1), dtype=np.int64)
     iters = np.zeros((n, m), dtype=np.int64)
     for (a, b), (names, _) in cells.items():
@@ -147,12 +148,12 @@ def whole_scorer_vs_straightforward(preds, num_proc):
         return reports, time.time() - t
 
     ours, ours_t = score_all()
-    fast_rouge, fast_align = E.rouge_l, E.cherrant_align
-    E.rouge_l, E.cherrant_align = per_item_rouge, literal_align_arrays  # worker processes fork with these
+    fast_rouge, fast_align = E.rouge_l, C.cherrant_align
+    E.rouge_l, C.cherrant_align = per_item_rouge, literal_align_arrays  # worker processes fork with these
     try:
         base, base_t = score_all()
     finally:
-        E.rouge_l, E.cherrant_align = fast_rouge, fast_align
+        E.rouge_l, C.cherrant_align = fast_rouge, fast_align
     n = differ = 0
     for setting in ours:
         for model, entry in ours[setting]["models"].items():

@@ -5,6 +5,7 @@ import random
 import numpy as np
 import pytest
 
+import cherrant as C
 import evaluate as E
 
 
@@ -15,7 +16,7 @@ def literal_alignment(src, tgt, scans=None):
     `scans`, a dict, receives per mismatched cell (window length found or 0, windows compared)."""
     n, m = len(src), len(tgt)
     vocab_s, vocab_t = sorted(set(src)), sorted(set(tgt))
-    table = E.substitution_costs(vocab_s, vocab_t)
+    table = C.substitution_costs(vocab_s, vocab_t)
     sub = {(a, b): table[i, j] for i, a in enumerate(vocab_s) for j, b in enumerate(vocab_t)}
     cost = [[0.0] * (m + 1) for _ in range(n + 1)]
     for i in range(1, n + 1):
@@ -48,9 +49,9 @@ def literal_alignment(src, tgt, scans=None):
 
 
 def decode(ops, ktrans):
-    names = {E.OP_M: "M", E.OP_S: "S", E.OP_I: "I", E.OP_D: "D", E.OP_T: "T"}
+    names = {C.OP_M: "M", C.OP_S: "S", C.OP_I: "I", C.OP_D: "D", C.OP_T: "T"}
     return {(a, b): ({name for bit, name in names.items() if ops[a, b] & bit},
-                     int(ktrans[a, b]) if ops[a, b] & E.OP_T else 0)
+                     int(ktrans[a, b]) if ops[a, b] & C.OP_T else 0)
             for a in range(1, ops.shape[0]) for b in range(1, ops.shape[1])}
 
 
@@ -73,9 +74,9 @@ def random_pairs(count, seed):
 
 
 def test_fast_alignment_equals_the_literal_dynamic_programme():
-    E.cherrant_resources()
+    C.cherrant_resources()
     for src, tgt in random_pairs(1500, seed=0):
-        ops, ktrans, _ = E.cherrant_align(src, tgt)
+        ops, ktrans, _ = C.cherrant_align(src, tgt)
         assert decode(ops, ktrans) == literal_alignment(src, tgt), (src, tgt)
 
 
@@ -87,13 +88,13 @@ def test_fast_alignment_equals_the_literal_one_on_real_lawbench_sentences(shared
         it = data[key]
         src, pred, _ = E.cherrant_prepare(E.prompt_text(it["origin_prompt"]), it["prediction"], it["refr"])
         if src != pred:
-            s, t = E.cherrant_tokens(src), E.cherrant_tokens(pred)
-            ops, ktrans, _ = E.cherrant_align(s, t)
+            s, t = C.cherrant_tokens(src), C.cherrant_tokens(pred)
+            ops, ktrans, _ = C.cherrant_align(s, t)
             assert decode(ops, ktrans) == literal_alignment(s, t)
 
 
 def test_substitution_cost_components():
-    table = E.substitution_costs(["诉", "，", "a"], ["述", "｡", "。"])
+    table = C.substitution_costs(["诉", "，", "a"], ["述", "｡", "。"])
     # 诉/述: same Cilin class H-i but different sub-class (2/6), shared reading "su" (0), two
     # non-punctuation characters (0.25)
     assert table[0, 0] == 2 / 6 + 0 + 0.25
@@ -105,31 +106,31 @@ def test_substitution_cost_components():
 
 def test_identical_prediction_is_a_noop_and_misses_every_reference_edit():
     source, reference = "上诉证据收集程序合法", "上述证据收集程序合法"
-    hyp = E.cherrant_edits(source, source)
-    ref = E.cherrant_edits(source, reference)
+    hyp = C.cherrant_edits(source, source)
+    ref = C.cherrant_edits(source, reference)
     assert hyp == {(-1, -1, "-NONE-"): ["noop"]}
     assert ref == {(1, 2, "述"): ["S"]}
-    assert E.compare_edits(hyp, ref) == (0, 0, 1)
-    assert E.compare_edits(ref, ref) == (1, 0, 0)
+    assert C.compare_edits(hyp, ref) == (0, 0, 1)
+    assert C.compare_edits(ref, ref) == (1, 0, 0)
 
 
 def test_word_order_swap_becomes_one_W_edit():
-    edits = E.cherrant_edits("被告人对事实无异议", "被告人对事实异无议")
+    edits = C.cherrant_edits("被告人对事实无异议", "被告人对事实异无议")
     assert list(edits.values()) == [["W"]]
     assert list(edits) == [(6, 8, "异无")]
 
 
 def test_edits_shared_by_distinct_cheapest_alignments_count_once_per_alignment():
     # Two distinct cheapest edit lists; both delete 人, so that edit counts twice.
-    edits = E.cherrant_edits("，告判人", "，，，判")
+    edits = C.cherrant_edits("，告判人", "，，，判")
     assert edits[(3, 4, "-NONE-")] == ["R", "R"]
     assert sorted(k for k, v in edits.items() if v == ["S"]) == [(1, 2, "，"), (1, 2, "，，")]
     reference = {(3, 4, "-NONE-"): ["R"]}
-    assert E.compare_edits(edits, reference) == (1, 3, 0)  # a TP per reference entry, an FP per hyp entry
+    assert C.compare_edits(edits, reference) == (1, 3, 0)  # a TP per reference entry, an FP per hyp entry
 
 
 def test_not_annotatable_reference_skips_the_sentence():
-    assert E.compare_edits({(0, 1, "x"): ["S"]}, {(-1, -1, "-NONE-"): ["NA"]}) == (0, 0, 0)
+    assert C.compare_edits({(0, 1, "x"): ["S"]}, {(-1, -1, "-NONE-"): ["NA"]}) == (0, 0, 0)
 
 
 def test_exploding_alignment_falls_back_to_the_one_character_answer():
@@ -137,15 +138,15 @@ def test_exploding_alignment_falls_back_to_the_one_character_answer():
     # official annotator times out and re-annotates the prediction as "无"; so do we.
     source = "本院认为被告人张某以非法占有为目的秘密窃取他人财物数额较大其行为已构成盗窃罪依法应予惩处" * 2
     prediction = "根据上述事实和证据可以认定原告主张的借款关系成立被告应当按照约定偿还借款本金及利息费用" * 2
-    edits, work, failed = E.cherrant_annotate(source, prediction)
-    assert failed and work > E.CHERRANT_WORK_BUDGET
-    assert E.cherrant_edits(source, prediction) == E.cherrant_annotate(source, "无")[0]
+    edits, work, failed = C.cherrant_annotate(source, prediction)
+    assert failed and work > C.CHERRANT_WORK_BUDGET
+    assert C.cherrant_edits(source, prediction) == C.cherrant_annotate(source, "无")[0]
 
 
 def test_empty_or_whitespace_prediction_is_treated_like_a_timeout():
     source, pred, ref = E.cherrant_prepare("纠正句子。句子：\n上诉证据合法", " \u3000 ", "上述证据合法")
     assert pred == ""  # whitespace-only: upstream's lookup fails and the sentence is redone with "无"
-    assert E.cherrant_edits(source, pred) == E.cherrant_annotate(source, "无")[0]
+    assert C.cherrant_edits(source, pred) == C.cherrant_annotate(source, "无")[0]
     assert E.cherrant_prepare("句子：\n上诉证据合法", "", "上述证据合法")[1] == "无内容"
 
 
@@ -156,19 +157,19 @@ def test_prediction_is_truncated_and_converted_to_simplified_chinese():
 
 
 def test_f_half_is_rounded_like_chERRANT_prints_it():
-    assert E.f_beta(1, 2, 3) == round(1.25 * (1 / 3) * 0.25 / (0.25 * (1 / 3) + 0.25), 4)
-    assert E.f_beta(0, 0, 0) == 1.0  # nothing to find and nothing claimed
-    assert E.f_beta(0, 5, 0) == 0.0
+    assert C.f_beta(1, 2, 3) == round(1.25 * (1 / 3) * 0.25 / (0.25 * (1 / 3) + 0.25), 4)
+    assert C.f_beta(0, 0, 0) == 1.0  # nothing to find and nothing claimed
+    assert C.f_beta(0, 5, 0) == 0.0
 
 
 def test_dense_path_count_equals_the_reachable_walk_and_the_enumeration():
-    E.cherrant_resources()
+    C.cherrant_resources()
     for src, tgt in random_pairs(300, seed=5):
-        ops, ktrans, _ = E.cherrant_align(src, tgt)
+        ops, ktrans, _ = C.cherrant_align(src, tgt)
         for first_only in (False, True):
-            walk = E.count_alignments(ops, ktrans, first_only)
-            assert walk == E._count_alignments_dense(ops, ktrans, first_only)
-            assert walk == len(E.enumerate_alignments(ops, ktrans, first_only))
+            walk = C.count_alignments(ops, ktrans, first_only)
+            assert walk == C._count_alignments_dense(ops, ktrans, first_only)
+            assert walk == len(C.enumerate_alignments(ops, ktrans, first_only))
 
 
 def test_items_without_a_usable_source_sentence_are_reported_not_fatal():
