@@ -1255,14 +1255,12 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def main(argv=None):
-    import datasets
-    from tqdm import tqdm
-    args = parse_args(argv)
-    if args.num_proc > 1:  # we parallelise with processes; the tokenizer's threads would fight them
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    t_start = time.time()
-    recipe = load_recipe(args.recipe)
+# ----------------------------------------------------------------------------------------------
+# The pipeline's phases, in the order main() runs them
+
+def settings(args, recipe):
+    """Every threshold of the run in one dict (flags, else the recipe, else the defaults); it goes
+    to the datasets.map workers and into report.json."""
     cfg = {
         "seed": args.seed,
         "general_ratio": args.general_ratio if args.general_ratio is not None else recipe.get("general_ratio", 0.15),
@@ -1282,34 +1280,44 @@ def main(argv=None):
         cfg["refusal_phrases"] = [l.strip().lower() for l in read_text(args.refusal_phrases).splitlines() if l.strip()]
     else:
         cfg["refusal_phrases"] = [p.lower() for p in REFUSAL_PHRASES]
+    return cfg
 
-    # 1. read and normalise ----------------------------------------------------------------
-    sources = recipe["sources"]
-    recs = {"messages": [], "language": [], "src": []}
-    ids, wheres = [], []  # per parsed record: "source:id" and file:line (or file[index])
+
+def drop_record(st, audit, reason, rid, where, key, **detail):
+    """Count a dropped record under its source's reason and add its dropped.jsonl line; `key`
+    orders the lines like the records (see read_sources)."""
+    st["dropped"][reason] += 1
+    if len(st["examples"][reason]) < SHOW_PROBLEMS:
+        st["examples"][reason].append(where if reason in READ_REASONS else rid)
+    audit.append((key, {"source": rid.split(":", 1)[0], "id": rid, "where": where, "reason": reason, **detail}))
+
+
+def read_sources(sources, seed, encoding, audit):
+    """Phase 1: every record of every source, converted to chat messages. Returns the parsed
+    records (columns messages, language, src = source index, id = "source:id", where =
+    file:line or file[index]), per-source stats and the statute-synthesis summaries. Records that
+    can't be used are dropped into `audit` here, keyed to stand before the next parsed record."""
+    from tqdm import tqdm
+    recs = {"messages": [], "language": [], "src": [], "id": [], "where": []}
+
+    def keep(si, s, msgs, rid, where):
+        for col, v in zip(("messages", "language", "src", "id", "where"), (msgs, s["language"], si, rid, where)):
+            recs[col].append(v)
+
     stats = {s["name"]: {"category": s["category"], "format": s["format"], "read": 0,
                          "dropped": Counter(), "examples": defaultdict(list)} for s in sources}
     synth_info = {}
-    audit = []  # one entry per dropped record: (order key, dropped.jsonl line)
-
-    def drop(st, reason, rid, where, key, **detail):
-        st["dropped"][reason] += 1
-        if len(st["examples"][reason]) < SHOW_PROBLEMS:
-            st["examples"][reason].append(where if reason in READ_REASONS else rid)
-        audit.append((key, {"source": rid.split(":", 1)[0], "id": rid, "where": where, "reason": reason, **detail}))
-
     for si, s in enumerate(sources):
         st = stats[s["name"]]
         if "statutes" in s:
-            items, synth_info[s["name"]] = synthesize_statute_records(s, args.seed)
+            items, synth_info[s["name"]] = synthesize_statute_records(s, seed)
             st["format"] = "statutes"
             for where, msgs in items:
                 st["read"] += 1
-                recs["messages"].append(msgs), recs["language"].append(s["language"]), recs["src"].append(si)
-                ids.append(f"{s['name']}:{where}"), wheres.append(f"{s['statutes']}:{where}")
+                keep(si, s, msgs, f"{s['name']}:{where}", f"{s['statutes']}:{where}")
             continue
-        encoding = s.get("encoding", args.encoding)
-        streams = ([(f, read_json_file(f, encoding)) for f in local_files(s["path"])] if "path" in s
+        enc = s.get("encoding", encoding)
+        streams = ([(f, read_json_file(f, enc)) for f in local_files(s["path"])] if "path" in s
                    else [(s["dataset"], read_hub_dataset(s))])
         formats = set()
         for fname, stream in streams:
@@ -1320,9 +1328,9 @@ def main(argv=None):
                 rid = obj.get("id") if obj is not None else None
                 rid = f"{s['name']}:{rid}" if isinstance(rid, (str, int)) and str(rid) else f"{s['name']}:{where}"
                 # dropped at reading: ordered after the parsed records (their key), in reading order
-                key = (len(ids), 0, len(audit))
+                key = (len(recs["id"]), 0, len(audit))
                 if obj is None:
-                    drop(st, "unparseable", rid, where, key)
+                    drop_record(st, audit, "unparseable", rid, where, key)
                     continue
                 if fmt is None:
                     fmt = detect_format(obj)
@@ -1331,213 +1339,153 @@ def main(argv=None):
                              f"{sorted(obj)}; expected one of {', '.join(FORMATS)} (set 'format' in the recipe)")
                 msgs, reason = to_messages(fmt, obj)
                 if reason:
-                    drop(st, reason, rid, where, key)
+                    drop_record(st, audit, reason, rid, where, key)
                     continue
-                recs["messages"].append(msgs), recs["language"].append(s["language"]), recs["src"].append(si)
-                ids.append(rid), wheres.append(where)
+                keep(si, s, msgs, rid, where)
             formats.add(fmt or "none")
         st["format"] = "+".join(sorted(formats))
-    log(f"read {sum(st['read'] for st in stats.values())} records from {len(sources)} sources, "
-        f"{len(ids)} parsed ({time.time() - t_start:.1f}s)")
-    if not ids:
-        fail("no usable records in any source")
+    return recs, stats, synth_info
 
-    # tokenizer (trained here for the demo, or the base model's) -------------------------------
-    if args.build_tokenizer:
-        texts = ("\n".join(m["content"] for m in msgs) for msgs in recs["messages"])
-        train_bpe_tokenizer(texts, args.build_tokenizer, args.tokenizer)
-        log(f"trained a {args.build_tokenizer}-token BPE tokenizer -> {args.tokenizer}")
-    tok = load_tokenizer(args.tokenizer, args.trust_remote_code)
-    eot = end_of_turn(tok, args.eot_token)
-    specials = sorted(set(tok.all_special_tokens) | {t.content for t in tok.added_tokens_decoder.values()
-                                                     if t.special})
 
-    bench = None
-    if args.decontaminate:
-        n = cfg["decontam_ngram"]
-        spec = args.decontam_ignore_statutes
-        bench = load_benchmark_index(args.decontaminate, n, args.decontam_max_df,
-                                     statute_ngrams(spec, n) if spec else None, statute_law_names(spec) if spec else frozenset())
-        log(f"LawBench index: {bench['questions']} questions, {bench['ngrams']} {n}-grams "
-            f"({bench['boilerplate_ngrams']} boilerplate and {bench['statute_ngrams']} statute {n}-grams ignored)")
-
-    # 2. per-record rules, in parallel -------------------------------------------------------------
-    t0 = time.time()
+def featurize_all(recs, tok, eot, specials, cfg, bench, num_proc):
+    """Phase 2: tokenize and apply the per-record rules, in parallel (datasets.map)."""
+    import datasets
     base = datasets.Dataset.from_dict({"messages": recs["messages"], "language": recs["language"]})
-    feats = base.map(featurize, batched=True, batch_size=256, num_proc=args.num_proc if args.num_proc > 1 else None,
-                     remove_columns=["messages", "language"], desc="tokenize + rules",
-                     fn_kwargs={"tok": tok, "eot": eot, "specials": specials, "cfg": cfg,
-                                "bench_hashes": bench["hashes"] if bench is not None else None},
-                     # declared, not inferred: a first batch with no LawBench hit would type the
-                     # column as empty lists, and the first hit later would fail to cast
-                     features=datasets.Features({
-                         **{k: datasets.List(datasets.Value("int64")) for k in ("input_ids", "labels", "bench_hits", "minhash")},
-                         **{k: datasets.Value("int64") for k in ("length", "label_tokens")},
-                         **{k: datasets.Value("string") for k in ("reason", "rule", "text_hash")}}),
-                     new_fingerprint=hashlib.sha256(f"featurize{len(ids)}".encode()).hexdigest()[:16])
-    log(f"tokenized and checked {len(feats)} records ({time.time() - t0:.1f}s)")
-    column = lambda name: feats.data.column(name).to_pylist()  # straight from Arrow, fast
-    reasons, lengths, label_tokens, text_hash = (column(c) for c in ("reason", "length", "label_tokens", "text_hash"))
-    detail = {i: {"rule": r} for i, r in enumerate(column("rule")) if r}  # what dropped.jsonl says beyond the reason
-    contaminated = {}
-    if bench is not None:  # the last per-record rule, over the records that passed the others
-        t0 = time.time()
-        contaminated, phrasing = find_contamination(column("bench_hits"), text_hash, bench, cfg,
-                                                    check=[i for i, r in enumerate(reasons) if not r])
-        for i, m in contaminated.items():
-            reasons[i] = "contaminated"
-            detail[i] = {"lawbench": contamination_detail(bench, m)}
-        log(f"decontaminated: {len(contaminated)} records cover a LawBench question; {int(phrasing.sum())} "
-            f"LawBench {cfg['decontam_ngram']}-grams are phrasing of this data ({time.time() - t0:.1f}s)")
+    return base.map(featurize, batched=True, batch_size=256, num_proc=num_proc if num_proc > 1 else None,
+                    remove_columns=["messages", "language"], desc="tokenize + rules",
+                    fn_kwargs={"tok": tok, "eot": eot, "specials": specials, "cfg": cfg,
+                               "bench_hashes": bench["hashes"] if bench is not None else None},
+                    # declared, not inferred: a first batch with no LawBench hit would type the
+                    # column as empty lists, and the first hit later would fail to cast
+                    features=datasets.Features({
+                        **{k: datasets.List(datasets.Value("int64")) for k in ("input_ids", "labels", "bench_hits", "minhash")},
+                        **{k: datasets.Value("int64") for k in ("length", "label_tokens")},
+                        **{k: datasets.Value("string") for k in ("reason", "rule", "text_hash")}}),
+                    new_fingerprint=hashlib.sha256(f"featurize{len(recs['id'])}".encode()).hexdigest()[:16])
 
-    # 3. deduplicate, by priority ------------------------------------------------------------------
-    t0 = time.time()
-    src = recs["src"]
-    prio = lambda si: (not sources[si]["high_quality"], 2 not in sources[si]["stages"], si)
-    order = sorted((i for i, r in enumerate(reasons) if not r), key=lambda i: (prio(src[i]), i))
-    dup = deduplicate(order, text_hash, column("minhash"), cfg)
-    for i, (r, kept) in dup.items():
-        reasons[i] = r
-        detail[i] = {"kept_instead": ids[kept]}
-    log(f"deduplicated: {sum(1 for r, _ in dup.values() if r == 'exact_duplicate')} exact, "
-        f"{sum(1 for r, _ in dup.values() if r == 'near_duplicate')} near ({time.time() - t0:.1f}s)")
-    kept_by_source = defaultdict(list)  # source index -> indices of the records that passed
-    for i, r in enumerate(reasons):
-        if r:
-            drop(stats[sources[src[i]]["name"]], r, ids[i], wheres[i], (i, 1, 0), **detail.get(i, {}))
-        else:
-            kept_by_source[src[i]].append(i)
 
-    # 4. stages --------------------------------------------------------------------------------
-    judge = {}
+def run_judge(args, cfg, sources, recs, kept_by_source):
+    """The optional LLM judge over the stage-2 candidates of sources not marked high_quality:
+    {record index: score or None} and the report's summary (None without --judge-model)."""
     cands = sorted(i for si, s in enumerate(sources) if 2 in s["stages"] and not s["high_quality"]
                    for i in kept_by_source[si])
-    judge_info = None
-    if args.judge_model and cands:
-        pairs = [("\n".join(m["content"] for m in recs["messages"][i] if m["role"] != "assistant"),
-                  "\n".join(m["content"] for m in recs["messages"][i] if m["role"] == "assistant")) for i in cands]
-        cache = args.judge_cache or os.path.join(os.path.dirname(os.path.abspath(args.out)), "judge_cache.jsonl")
-        scores, _, generated = judge_records(pairs, args.judge_model, cache, cfg)
-        judge = dict(zip(cands, scores))
-        judge_info = {"model": args.judge_model, "candidates": len(cands), "generated": generated,
-                      "cached": len(cands) - generated, "threshold": args.judge_threshold,
-                      "score_counts": dict(sorted(Counter(str(s) for s in scores).items()))}
+    if not (args.judge_model and cands):
+        return {}, None
+    pairs = [("\n".join(m["content"] for m in recs["messages"][i] if m["role"] != "assistant"),
+              "\n".join(m["content"] for m in recs["messages"][i] if m["role"] == "assistant")) for i in cands]
+    cache = args.judge_cache or os.path.join(os.path.dirname(os.path.abspath(args.out)), "judge_cache.jsonl")
+    scores, _, generated = judge_records(pairs, args.judge_model, cache, cfg)
+    return dict(zip(cands, scores)), {"model": args.judge_model, "candidates": len(cands), "generated": generated,
+                                      "cached": len(cands) - generated, "threshold": args.judge_threshold,
+                                      "score_counts": dict(sorted(Counter(str(s) for s in scores).items()))}
 
-    stage_rows, stage_stats = {}, {}
-    for stage in (1, 2):
-        in_stage = [si for si, s in enumerate(sources) if stage in s["stages"]]
-        sst = {"read": sum(stats[sources[si]["name"]]["read"] for si in in_stage), "dropped": Counter()}
-        for si in in_stage:
-            sst["dropped"].update(stats[sources[si]["name"]]["dropped"])
-        copies = {}
-        general_copies = {}
-        for si in in_stage:
-            s = sources[si]
-            rng = random.Random(f"{args.seed}:stage{stage}:{s['name']}")
-            mine = kept_by_source[si]
-            if stage == 2 and not s["high_quality"]:
-                ok = []
-                for i in mine:
-                    r = ("not_high_quality" if i not in judge else "judge_unparseable" if judge[i] is None
-                         else "judge_low_score" if judge[i] < args.judge_threshold else None)
-                    if r is None:
-                        ok.append(i)
-                        continue
-                    sst["dropped"][r] += 1
-                    extra = {"judge_score": judge[i]} if r == "judge_low_score" else {}
-                    audit.append(((i, 1, stage), {"source": s["name"], "id": ids[i], "where": wheres[i],
-                                                  "reason": r, "stage": stage, **extra}))
-                mine = ok
-            c = weighted_copies(mine, s["weight"], rng)
-            (general_copies if s["category"] == "general" else copies).update(c)
-        ratio = cfg["general_ratio"]
-        if stage == 1 and general_copies and ratio is not None and ratio != -1:
-            legal_rows = sum(copies.values())
-            target = int(round(ratio * legal_rows / (1 - ratio)))
-            general_copies = resize_pool(general_copies, target, random.Random(f"{args.seed}:general"))
-        copies.update(general_copies)
-        for i in sorted(i for i, v in copies.items() if v == 0):
-            sst["dropped"]["downsampled"] += 1
-            audit.append(((i, 1, stage), {"source": sources[src[i]]["name"], "id": ids[i], "where": wheres[i],
-                                          "reason": "downsampled", "stage": stage}))
-        rows = [i for i in sorted(copies) for _ in range(copies[i])]
-        random.Random(f"{args.seed}:shuffle{stage}").shuffle(rows)
-        sst["kept"] = sum(1 for v in copies.values() if v > 0)
-        sst["rows"] = len(rows)
-        # the accounting identity, checked before anything is written
-        if sst["read"] != sst["kept"] + sum(sst["dropped"].values()):
-            raise RuntimeError(f"stage {stage}: {sst['read']} read != {sst['kept']} kept + "
-                               f"{sum(sst['dropped'].values())} dropped; this is a bug")
-        L = [lengths[i] for i in rows]
-        sst["tokens"] = int(sum(L))
-        sst["label_tokens"] = int(sum(label_tokens[i] for i in rows))
-        sst["general_share"] = (sum(1 for i in rows if sources[src[i]]["category"] == "general") / len(rows)
-                                if rows else 0.0)
-        sst["length_percentiles"] = percentiles(L)
-        sst["packs_lower_bound"] = math.ceil(sst["tokens"] / args.pack_len)
-        # the packs train.py will make (its best-fit packer; the count doesn't depend on the seed)
-        import train
-        fit = [min(x, args.pack_len) for x in L]
-        packs = train.pack_best_fit(fit, args.pack_len) if fit else []
-        sst["packs"] = len(packs)
-        sst["pack_fill"] = train.fill_efficiency(packs, np.asarray(fit), args.pack_len)
-        sst["rows_per_source"] = dict(Counter(sources[src[i]]["name"] for i in rows))
-        sst["dropped"] = in_reason_order(sst["dropped"])
-        stage_rows[stage], stage_stats[f"stage{stage}"] = rows, sst
 
-    for si, s in enumerate(sources):
-        st = stats[s["name"]]
+def build_stage(stage, sources, stats, kept_by_source, judge, recs, lengths, label_tokens, audit, cfg,
+                judge_threshold, pack_len):
+    """Phase 4, one stage: which records it takes and how often (weights, the general ratio, the
+    judge), shuffled; and its accounting. Returns the rows (record indices) and the stage's stats."""
+    import train  # its packer, so the report shows the packs training will make
+    src, seed = recs["src"], cfg["seed"]
+    in_stage = [si for si, s in enumerate(sources) if stage in s["stages"]]
+    sst = {"read": sum(stats[sources[si]["name"]]["read"] for si in in_stage), "dropped": Counter()}
+    for si in in_stage:
+        sst["dropped"].update(stats[sources[si]["name"]]["dropped"])
+    copies = {}
+    general_copies = {}
+    for si in in_stage:
+        s = sources[si]
+        rng = random.Random(f"{seed}:stage{stage}:{s['name']}")
         mine = kept_by_source[si]
-        st["kept"] = len(mine)
-        st["tokens"] = int(sum(lengths[i] for i in mine))
-        if st["read"] != st["kept"] + sum(st["dropped"].values()):
-            raise RuntimeError(f"source {s['name']}: read != kept + dropped; this is a bug")
-        st["dropped"] = in_reason_order(st["dropped"])
-        st["examples"] = dict(st["examples"])
-        if s["name"] in synth_info:
-            st["statutes"] = synth_info[s["name"]]
+        if stage == 2 and not s["high_quality"]:
+            ok = []
+            for i in mine:
+                r = ("not_high_quality" if i not in judge else "judge_unparseable" if judge[i] is None
+                     else "judge_low_score" if judge[i] < judge_threshold else None)
+                if r is None:
+                    ok.append(i)
+                    continue
+                sst["dropped"][r] += 1
+                extra = {"judge_score": judge[i]} if r == "judge_low_score" else {}
+                audit.append(((i, 1, stage), {"source": s["name"], "id": recs["id"][i], "where": recs["where"][i],
+                                              "reason": r, "stage": stage, **extra}))
+            mine = ok
+        c = weighted_copies(mine, s["weight"], rng)
+        (general_copies if s["category"] == "general" else copies).update(c)
+    ratio = cfg["general_ratio"]
+    if stage == 1 and general_copies and ratio is not None and ratio != -1:
+        legal_rows = sum(copies.values())
+        target = int(round(ratio * legal_rows / (1 - ratio)))
+        general_copies = resize_pool(general_copies, target, random.Random(f"{seed}:general"))
+    copies.update(general_copies)
+    for i in sorted(i for i, v in copies.items() if v == 0):
+        sst["dropped"]["downsampled"] += 1
+        audit.append(((i, 1, stage), {"source": sources[src[i]]["name"], "id": recs["id"][i], "where": recs["where"][i],
+                                      "reason": "downsampled", "stage": stage}))
+    rows = [i for i in sorted(copies) for _ in range(copies[i])]
+    random.Random(f"{seed}:shuffle{stage}").shuffle(rows)
+    sst["kept"] = sum(1 for v in copies.values() if v > 0)
+    sst["rows"] = len(rows)
+    # the accounting identity, checked before anything is written
+    if sst["read"] != sst["kept"] + sum(sst["dropped"].values()):
+        raise RuntimeError(f"stage {stage}: {sst['read']} read != {sst['kept']} kept + "
+                           f"{sum(sst['dropped'].values())} dropped; this is a bug")
+    L = [lengths[i] for i in rows]
+    sst["tokens"] = int(sum(L))
+    sst["label_tokens"] = int(sum(label_tokens[i] for i in rows))
+    sst["general_share"] = (sum(1 for i in rows if sources[src[i]]["category"] == "general") / len(rows)
+                            if rows else 0.0)
+    sst["length_percentiles"] = percentiles(L)
+    sst["packs_lower_bound"] = math.ceil(sst["tokens"] / pack_len)
+    # the packs train.py will make (its best-fit packer; the count doesn't depend on the seed)
+    fit = [min(x, pack_len) for x in L]
+    packs = train.pack_best_fit(fit, pack_len) if fit else []
+    sst["packs"] = len(packs)
+    sst["pack_fill"] = train.fill_efficiency(packs, np.asarray(fit), pack_len)
+    sst["rows_per_source"] = dict(Counter(sources[src[i]]["name"] for i in rows))
+    sst["dropped"] = in_reason_order(sst["dropped"])
+    return rows, sst
 
-    report = {"recipe": args.recipe, "tokenizer": args.tokenizer, "seed": args.seed, "end_of_turn": eot,
-              "config": {k: v for k, v in cfg.items() if k != "refusal_phrases"},
-              "sources": stats, "stages": stage_stats, "reasons": REASONS}
-    if bench is not None:
-        hits = Counter(t for m in contaminated.values() for t in bench["tasks_of"][m["q"]])
-        report["decontamination"] = {"folder": args.decontaminate, "max_df": args.decontam_max_df,
-                                     "ngram": cfg["decontam_ngram"], "min_coverage": cfg["decontam_min_coverage"],
-                                     "min_span": cfg["decontam_min_span"], "min_chars": cfg["decontam_min_chars"],
-                                     "corpus_max_df": cfg["decontam_corpus_max_df"],
-                                     "questions": bench["questions"], "ngrams": bench["ngrams"],
-                                     "boilerplate_ngrams": bench["boilerplate_ngrams"],
-                                     "statute_ngrams": bench["statute_ngrams"], "phrasing_ngrams": int(phrasing.sum()),
-                                     "ignore_statutes": args.decontam_ignore_statutes,
-                                     "short_questions": bench["short_questions"],
-                                     "questions_matched": len({m["q"] for m in contaminated.values()}),
-                                     "hits_per_task": {t: hits.get(t, 0) for t in bench["tasks"]}}
-    audit = [line for _, line in sorted(audit, key=lambda kv: kv[0])]
+
+def decontamination_summary(args, cfg, bench, contaminated, phrasing):
+    hits = Counter(t for m in contaminated.values() for t in bench["tasks_of"][m["q"]])
+    return {"folder": args.decontaminate, "max_df": args.decontam_max_df,
+            "ngram": cfg["decontam_ngram"], "min_coverage": cfg["decontam_min_coverage"],
+            "min_span": cfg["decontam_min_span"], "min_chars": cfg["decontam_min_chars"],
+            "corpus_max_df": cfg["decontam_corpus_max_df"],
+            "questions": bench["questions"], "ngrams": bench["ngrams"],
+            "boilerplate_ngrams": bench["boilerplate_ngrams"],
+            "statute_ngrams": bench["statute_ngrams"], "phrasing_ngrams": int(phrasing.sum()),
+            "ignore_statutes": args.decontam_ignore_statutes,
+            "short_questions": bench["short_questions"],
+            "questions_matched": len({m["q"] for m in contaminated.values()}),
+            "hits_per_task": {t: hits.get(t, 0) for t in bench["tasks"]}}
+
+
+def dropped_summary(audit):
     by_reason = {r: Counter() for r in REASONS}
     for line in audit:
         by_reason[line["reason"]].update({"lines": 1, **({f"stage{line['stage']}": 1} if "stage" in line else {})})
-    report["dropped_records"] = {"file": "dropped.jsonl", "lines": len(audit),
-                                 "by_reason": {r: dict(c) for r, c in by_reason.items() if c}}
-    if judge_info:
-        report["judge"] = judge_info
+    return {"file": "dropped.jsonl", "lines": len(audit), "by_reason": {r: dict(c) for r, c in by_reason.items() if c}}
 
-    # 5. write everything into a temporary folder, then move it into place ------------------------
-    t0 = time.time()
-    out = os.path.abspath(args.out)
+
+def write_outputs(out, feats, recs, sources, stage_rows, report, audit, tok, recipe, lengths, cfg):
+    """Phase 5: everything into a temporary folder beside `out`, then moved into place; a failure
+    leaves the previous output as it was. Returns report.md's text."""
+    import datasets
     os.makedirs(os.path.dirname(out), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".prepare-", dir=os.path.dirname(out))
     try:
+        src = recs["src"]
         meta = datasets.Dataset.from_dict({"source": [sources[si]["name"] for si in src],
-                                           "category": [sources[si]["category"] for si in src], "id": ids})
+                                           "category": [sources[si]["category"] for si in src], "id": recs["id"]})
         table = datasets.concatenate_datasets(
             [feats.select_columns(["input_ids", "labels", "length"]), meta], axis=1)
         for stage, rows in stage_rows.items():
-            fp = hashlib.sha256(json.dumps([stage, len(rows), args.seed]).encode()).hexdigest()[:16]
+            fp = hashlib.sha256(json.dumps([stage, len(rows), cfg["seed"]]).encode()).hexdigest()[:16]
             ds = table.select(rows, new_fingerprint=fp + "s").flatten_indices(new_fingerprint=fp + "f")
             ds.save_to_disk(os.path.join(tmp, f"stage{stage}"))
             plot_lengths([lengths[i] for i in rows], cfg["max_tokens"],
-                         f"stage {stage}: {len(rows)} samples, {stage_stats[f'stage{stage}']['tokens']} tokens",
+                         f"stage {stage}: {len(rows)} samples, {report['stages'][f'stage{stage}']['tokens']} tokens",
                          os.path.join(tmp, f"stage{stage}_lengths.png"))
         tok.save_pretrained(os.path.join(tmp, "tokenizer"))
         with open(os.path.join(tmp, "recipe.json"), "w", encoding="utf-8") as f:
@@ -1553,6 +1501,113 @@ def main(argv=None):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return md
+
+
+def main(argv=None):
+    # --- settings ----------------------------------------------------------------------------
+    args = parse_args(argv)
+    if args.num_proc > 1:  # we parallelise with processes; the tokenizer's threads would fight them
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    t_start = time.time()
+    recipe = load_recipe(args.recipe)
+    cfg = settings(args, recipe)
+    sources = recipe["sources"]
+    audit = []  # one entry per dropped record: (order key, dropped.jsonl line)
+
+    # --- 1. read and normalise -----------------------------------------------------------------
+    recs, stats, synth_info = read_sources(sources, args.seed, args.encoding, audit)
+    ids, wheres, src = recs["id"], recs["where"], recs["src"]
+    log(f"read {sum(st['read'] for st in stats.values())} records from {len(sources)} sources, "
+        f"{len(ids)} parsed ({time.time() - t_start:.1f}s)")
+    if not ids:
+        fail("no usable records in any source")
+
+    # --- tokenizer (trained here for the demo, or the base model's) and the LawBench index --------
+    if args.build_tokenizer:
+        texts = ("\n".join(m["content"] for m in msgs) for msgs in recs["messages"])
+        train_bpe_tokenizer(texts, args.build_tokenizer, args.tokenizer)
+        log(f"trained a {args.build_tokenizer}-token BPE tokenizer -> {args.tokenizer}")
+    tok = load_tokenizer(args.tokenizer, args.trust_remote_code)
+    eot = end_of_turn(tok, args.eot_token)
+    specials = sorted(set(tok.all_special_tokens) | {t.content for t in tok.added_tokens_decoder.values()
+                                                     if t.special})
+    bench = None
+    if args.decontaminate:
+        n = cfg["decontam_ngram"]
+        spec = args.decontam_ignore_statutes
+        bench = load_benchmark_index(args.decontaminate, n, args.decontam_max_df,
+                                     statute_ngrams(spec, n) if spec else None, statute_law_names(spec) if spec else frozenset())
+        log(f"LawBench index: {bench['questions']} questions, {bench['ngrams']} {n}-grams "
+            f"({bench['boilerplate_ngrams']} boilerplate and {bench['statute_ngrams']} statute {n}-grams ignored)")
+
+    # --- 2. per-record rules, in parallel, then decontamination over all records -----------------
+    t0 = time.time()
+    feats = featurize_all(recs, tok, eot, specials, cfg, bench, args.num_proc)
+    log(f"tokenized and checked {len(feats)} records ({time.time() - t0:.1f}s)")
+    column = lambda name: feats.data.column(name).to_pylist()  # straight from Arrow, fast
+    reasons, lengths, label_tokens, text_hash = (column(c) for c in ("reason", "length", "label_tokens", "text_hash"))
+    detail = {i: {"rule": r} for i, r in enumerate(column("rule")) if r}  # what dropped.jsonl says beyond the reason
+    contaminated = {}
+    if bench is not None:  # the last per-record rule, over the records that passed the others
+        t0 = time.time()
+        contaminated, phrasing = find_contamination(column("bench_hits"), text_hash, bench, cfg,
+                                                    check=[i for i, r in enumerate(reasons) if not r])
+        for i, m in contaminated.items():
+            reasons[i] = "contaminated"
+            detail[i] = {"lawbench": contamination_detail(bench, m)}
+        log(f"decontaminated: {len(contaminated)} records cover a LawBench question; {int(phrasing.sum())} "
+            f"LawBench {cfg['decontam_ngram']}-grams are phrasing of this data ({time.time() - t0:.1f}s)")
+
+    # --- 3. deduplicate, by priority -------------------------------------------------------------
+    t0 = time.time()
+    prio = lambda si: (not sources[si]["high_quality"], 2 not in sources[si]["stages"], si)
+    order = sorted((i for i, r in enumerate(reasons) if not r), key=lambda i: (prio(src[i]), i))
+    dup = deduplicate(order, text_hash, column("minhash"), cfg)
+    for i, (r, kept) in dup.items():
+        reasons[i] = r
+        detail[i] = {"kept_instead": ids[kept]}
+    log(f"deduplicated: {sum(1 for r, _ in dup.values() if r == 'exact_duplicate')} exact, "
+        f"{sum(1 for r, _ in dup.values() if r == 'near_duplicate')} near ({time.time() - t0:.1f}s)")
+    kept_by_source = defaultdict(list)  # source index -> indices of the records that passed
+    for i, r in enumerate(reasons):
+        if r:
+            drop_record(stats[sources[src[i]]["name"]], audit, r, ids[i], wheres[i], (i, 1, 0), **detail.get(i, {}))
+        else:
+            kept_by_source[src[i]].append(i)
+
+    # --- 4. stages: the judge (optional), weights, the general ratio ---------------------------
+    judge, judge_info = run_judge(args, cfg, sources, recs, kept_by_source)
+    stage_rows, stage_stats = {}, {}
+    for stage in (1, 2):
+        stage_rows[stage], stage_stats[f"stage{stage}"] = build_stage(
+            stage, sources, stats, kept_by_source, judge, recs, lengths, label_tokens, audit, cfg,
+            args.judge_threshold, args.pack_len)
+    for si, s in enumerate(sources):
+        st = stats[s["name"]]
+        mine = kept_by_source[si]
+        st["kept"] = len(mine)
+        st["tokens"] = int(sum(lengths[i] for i in mine))
+        if st["read"] != st["kept"] + sum(st["dropped"].values()):
+            raise RuntimeError(f"source {s['name']}: read != kept + dropped; this is a bug")
+        st["dropped"] = in_reason_order(st["dropped"])
+        st["examples"] = dict(st["examples"])
+        if s["name"] in synth_info:
+            st["statutes"] = synth_info[s["name"]]
+
+    # --- 5. report, then write everything atomically ---------------------------------------------
+    report = {"recipe": args.recipe, "tokenizer": args.tokenizer, "seed": args.seed, "end_of_turn": eot,
+              "config": {k: v for k, v in cfg.items() if k != "refusal_phrases"},
+              "sources": stats, "stages": stage_stats, "reasons": REASONS}
+    if bench is not None:
+        report["decontamination"] = decontamination_summary(args, cfg, bench, contaminated, phrasing)
+    audit = [line for _, line in sorted(audit, key=lambda kv: kv[0])]
+    report["dropped_records"] = dropped_summary(audit)
+    if judge_info:
+        report["judge"] = judge_info
+    t0 = time.time()
+    out = os.path.abspath(args.out)
+    md = write_outputs(out, feats, recs, sources, stage_rows, report, audit, tok, recipe, lengths, cfg)
     log(f"wrote {out} ({time.time() - t0:.1f}s); total {time.time() - t_start:.1f}s")
     print(md)
     return 0
