@@ -792,9 +792,96 @@ def load_cpt_data(pattern, tokenizer, max_len, num_proc=None):
     return ds, {"documents": len(docs), "documents_split": n_split, "pieces": len(ids)}
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def resolve_model(args, master, log):
+    """The weights to start from: --model, else InternLM2-Chat-7B (stage 1) or stage 1's final
+    weights (stage 2). An InternLM2 checkpoint is converted once to the Llama layout (rank 0)."""
+    model_path = args.model or ("internlm/internlm2-chat-7b" if args.stage == 1
+                                else os.path.join(args.out_dir, "stage1", "final"))
+    if args.stage == 2 and args.model is None and not os.path.isdir(model_path):
+        sys.exit(f"error: stage 2 starts from stage 1's weights, but {model_path} does not exist "
+                 "(run --stage 1 first, or pass --model)")
+    if is_internlm2(model_path):
+        converted = os.path.join(args.out_dir, "base-llama")
+        if master and not os.path.isdir(converted):
+            log(f"converting InternLM2 checkpoint {model_path} to the Llama layout in {converted}")
+            convert_internlm2(model_path, converted, args.trust_remote_code)
+        barrier()
+        model_path = converted
+    return model_path
+
+
+def load_stage_data(args, tokenizer):
+    """The stage's dataset (prepare_data.py's, or --cpt-data raw text), the samples that train
+    (within --max-len, with trained tokens; --oversize decides the rest) and their counts."""
     from datasets import load_from_disk
+    if args.cpt_data:
+        ds, cpt_counts = load_cpt_data(args.cpt_data, tokenizer, args.max_len)
+        data_name = args.cpt_data
+    else:
+        data_name = os.path.join(args.data, f"stage{args.stage}")
+        if not os.path.isdir(data_name):
+            sys.exit(f"error: {data_name} not found: run prepare_data.py --out {args.data} first")
+        ds, cpt_counts = load_from_disk(data_name), None
+    lengths = ds.data.column("length").to_numpy().astype(np.int64)
+    n_trained, max_id = scan_tokens(ds)
+    idx, sel_len, counts = select_samples(lengths, n_trained, args.max_len, args.oversize)
+    if cpt_counts:
+        counts.update(cpt_counts)
+    if not len(idx):
+        sys.exit(f"error: no trainable sample in {data_name} (counts: {counts})")
+    return ds, data_name, idx, sel_len, counts, max_id
+
+
+def adamw(model, args):
+    """AdamW with weight decay on matrices only, not on norms and biases (ZeRO-3 partitions keep
+    the real shape in ds_shape: p.dim() is 1 for every partitioned parameter)."""
+    matrix = {n: len(getattr(p, "ds_shape", p.shape)) >= 2 for n, p in model.named_parameters()}
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return torch.optim.AdamW([{"params": [p for n, p in trainable if matrix[n]], "weight_decay": args.weight_decay},
+                              {"params": [p for n, p in trainable if not matrix[n]], "weight_decay": 0.0}],
+                             lr=args.lr, betas=tuple(args.betas))
+
+
+def resume_step(args, start, run_dir, config, engine, model, opt, sched, rank, log):
+    """Load checkpoint `start` (None: a fresh run) and return the steps it holds; a checkpoint
+    written with other settings is refused."""
+    if not start:
+        return 0
+    saved_file = os.path.join(run_dir, "train_config.json")
+    saved = json.load(open(saved_file)) if os.path.exists(saved_file) else config
+    same = ("model_resolved", "data", "cpt_data", "max_len", "grad_accum", "seed", "world_size", "total_steps", "lora")
+    diff = {k: (saved.get(k), config[k]) for k in same if saved.get(k) != config[k]}
+    if diff:
+        sys.exit(f"error: {start} was written by a run with other settings {diff}; "
+                 "resume with the same ones, or start afresh with --resume none")
+    step = load_checkpoint(start, engine, model, opt, sched, rank)
+    log(f"resumed from {start}: {step} steps done")
+    return step
+
+
+def save_final(final, args, run_dir, model, peft_model, engine, zero_stage, tokenizer, stored_dtype, config, master):
+    """The final weights: a Hugging Face folder in the checkpoint's own dtype (LoRA: merged, and
+    the adapter beside it; ZeRO-3: the shards gathered to rank 0, a collective)."""
+    if args.lora:
+        if master:
+            adapter = os.path.join(run_dir, "final-adapter")
+            tmp = staging_dir(adapter)
+            peft_model.save_pretrained(tmp)
+            replace_dir(tmp, adapter)
+            merged = peft_model.merge_and_unload()
+            save_model(merged, tokenizer, final, stored_dtype, {"train_config.json": config})
+    elif engine is not None and zero_stage == 3:
+        state = engine._zero3_consolidated_16bit_state_dict()  # collective: gathers the shards on rank 0
+        if master:
+            state = {k.removeprefix("model."): v for k, v in state.items()}
+            save_model(model, tokenizer, final, stored_dtype, {"train_config.json": config}, state=state)
+    elif master:
+        save_model(model, tokenizer, final, stored_dtype, {"train_config.json": config})
+
+
+def main(argv=None):
+    # --- setup: flags, processes, seeds
+    args = parse_args(argv)
     from tqdm import tqdm
     from transformers import AutoTokenizer
 
@@ -817,37 +904,12 @@ def main(argv=None):
     run_dir = os.path.join(args.out_dir, f"stage{args.stage}")
     ckpt_root = os.path.join(run_dir, "checkpoints")
     tok_dir = os.path.join(args.data, "tokenizer")
-    model_path = args.model or ("internlm/internlm2-chat-7b" if args.stage == 1
-                                else os.path.join(args.out_dir, "stage1", "final"))
-    if args.stage == 2 and args.model is None and not os.path.isdir(model_path):
-        sys.exit(f"error: stage 2 starts from stage 1's weights, but {model_path} does not exist "
-                 "(run --stage 1 first, or pass --model)")
-    if is_internlm2(model_path):
-        converted = os.path.join(args.out_dir, "base-llama")
-        if master and not os.path.isdir(converted):
-            log(f"converting InternLM2 checkpoint {model_path} to the Llama layout in {converted}")
-            convert_internlm2(model_path, converted, args.trust_remote_code)
-        barrier()
-        model_path = converted
+    model_path = resolve_model(args, master, log)
     tokenizer = AutoTokenizer.from_pretrained(tok_dir if os.path.isdir(tok_dir) else model_path,
                                               trust_remote_code=args.trust_remote_code)
 
     # --- data: select, pack, plan steps (identically on every rank: packing is deterministic)
-    if args.cpt_data:
-        ds, cpt_counts = load_cpt_data(args.cpt_data, tokenizer, args.max_len)
-        data_name = args.cpt_data
-    else:
-        data_name = os.path.join(args.data, f"stage{args.stage}")
-        if not os.path.isdir(data_name):
-            sys.exit(f"error: {data_name} not found: run prepare_data.py --out {args.data} first")
-        ds, cpt_counts = load_from_disk(data_name), None
-    lengths = ds.data.column("length").to_numpy().astype(np.int64)
-    n_trained, max_id = scan_tokens(ds)
-    idx, sel_len, counts = select_samples(lengths, n_trained, args.max_len, args.oversize)
-    if cpt_counts:
-        counts.update(cpt_counts)
-    if not len(idx):
-        sys.exit(f"error: no trainable sample in {data_name} (counts: {counts})")
+    ds, data_name, idx, sel_len, counts, max_id = load_stage_data(args, tokenizer)
     packs0 = pack_best_fit(sel_len, args.max_len, args.seed, 0)
     fill0 = fill_efficiency(packs0, sel_len, args.max_len)
     steps_per_epoch = len(step_plan(len(packs0), world, args.grad_accum))
@@ -897,12 +959,8 @@ def main(argv=None):
                                                       task_type="CAUSAL_LM"))
     n_params, n_matmul = count_params(model), matmul_params(model)
     packed_lm = PackedLM(model, args.loss_chunk, flash)
-    # weight decay on matrices only, not on norms and biases (ZeRO-3 partitions keep the real shape in ds_shape)
-    matrix = {n: len(getattr(p, "ds_shape", p.shape)) >= 2 for n, p in model.named_parameters()}
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    opt = torch.optim.AdamW([{"params": [p for n, p in trainable if matrix[n]], "weight_decay": args.weight_decay},
-                             {"params": [p for n, p in trainable if not matrix[n]], "weight_decay": 0.0}],
-                            lr=args.lr, betas=tuple(args.betas))
+    opt = adamw(model, args)
+
     def make_schedule(optimizer):  # DeepSpeed calls it with its own wrapper of `opt`
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, total_steps, warmup, 1.0, args.min_lr_ratio))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16" and zero_stage == 0)
@@ -926,7 +984,7 @@ def main(argv=None):
         f"compute {dtype}, {'DeepSpeed ZeRO-' + str(zero_stage) if zero_stage else 'plain PyTorch' + (' DDP' if ddp else '')}, "
         f"gradient checkpointing {'on' if gc else 'off'}; packed-sample isolation checked (err {err:.1e})")
 
-    # --- resume
+    # --- resume: the newest checkpoint (--resume auto), a given one, or none
     if args.resume == "none" and master:
         shutil.rmtree(ckpt_root, ignore_errors=True)
     barrier()
@@ -934,17 +992,7 @@ def main(argv=None):
     config = {**vars(args), "model_resolved": model_path, "world_size": world, "attention": attn, "compute_dtype": dtype,
               "zero_stage": zero_stage, "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
               "data_counts": counts, "fill": fill0}
-    step = 0
-    if start:
-        saved_file = os.path.join(run_dir, "train_config.json")
-        saved = json.load(open(saved_file)) if os.path.exists(saved_file) else config
-        same = ("model_resolved", "data", "cpt_data", "max_len", "grad_accum", "seed", "world_size", "total_steps", "lora")
-        diff = {k: (saved.get(k), config[k]) for k in same if saved.get(k) != config[k]}
-        if diff:
-            sys.exit(f"error: {start} was written by a run with other settings {diff}; "
-                     "resume with the same ones, or start afresh with --resume none")
-        step = load_checkpoint(start, engine, model, opt, sched, rank)
-        log(f"resumed from {start}: {step} steps done")
+    step = resume_step(args, start, run_dir, config, engine, model, opt, sched, rank, log)
     os.makedirs(run_dir, exist_ok=True)
     log_path = os.path.join(run_dir, "log.jsonl")
     if master:
@@ -959,7 +1007,7 @@ def main(argv=None):
     stop = {"signal": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(signal=True))
 
-    # --- training loop
+    # --- training loop: one optimizer step per plan entry, --grad-accum packs per rank
     peak = peak_tflops(args, device)
     bar = tqdm(total=total_steps, initial=step, disable=not master, desc=f"stage {args.stage}", dynamic_ncols=True)
     end = min(total_steps, step + args.stop_after) if args.stop_after else total_steps
@@ -1047,21 +1095,8 @@ def main(argv=None):
 
     # --- final weights: a Hugging Face folder in the checkpoint's own dtype
     final = os.path.join(run_dir, "final")
-    if args.lora:
-        if master:
-            adapter = os.path.join(run_dir, "final-adapter")
-            tmp = staging_dir(adapter)
-            peft_model.save_pretrained(tmp)
-            replace_dir(tmp, adapter)
-            merged = peft_model.merge_and_unload()
-            save_model(merged, tokenizer, final, stored_dtype, {"train_config.json": config})
-    elif engine is not None and zero_stage == 3:
-        state = engine._zero3_consolidated_16bit_state_dict()  # collective: gathers the shards on rank 0
-        if master:
-            state = {k.removeprefix("model."): v for k, v in state.items()}
-            save_model(model, tokenizer, final, stored_dtype, {"train_config.json": config}, state=state)
-    elif master:
-        save_model(model, tokenizer, final, stored_dtype, {"train_config.json": config})
+    save_final(final, args, run_dir, model, peft_model if args.lora else None, engine, zero_stage, tokenizer,
+               stored_dtype, config, master)
     barrier()
     log(f"saved {final} after {step} steps; log {log_path}, curve {os.path.join(run_dir, 'loss.png')}")
     if dist.is_initialized():
