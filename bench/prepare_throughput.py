@@ -182,8 +182,7 @@ def main():
     def decontam(nb):
         return P.benchmark_hits(nb, bench["hashes"], bench["n"])
 
-    cfg = {"decontam_min_coverage": P.DECONTAM_MIN_COVERAGE, "decontam_min_span": P.DECONTAM_MIN_SPAN,
-           "decontam_min_chars": P.DECONTAM_MIN_CHARS, "decontam_corpus_max_df": P.DECONTAM_CORPUS_MAX_DF}
+    cfg = P.DECONTAM_DEFAULTS
     sample_hits = [h for nb in nbatches for h in decontam(nb)]
 
     def minhash(nb):
