@@ -42,6 +42,7 @@ import json
 import math
 import os
 import random
+import re
 import resource
 import shutil
 import signal
@@ -103,12 +104,15 @@ def fill_efficiency(packs, lengths, max_len):
     return float(sum(int(lengths[p].sum()) for p in packs)) / (len(packs) * max_len) if packs else 0.0
 
 
-def select_samples(lengths, n_trained, max_len, oversize):
+def select_samples(lengths, n_trained, max_len, oversize, n_trained_within=None):
     """Which samples can be trained, and how long each will be. Longer-than-max_len samples are
     dropped or truncated (--oversize); samples with no trained token are dropped (they would
-    add compute and nothing else). Returns (indices, lengths, counts by reason)."""
+    add compute and nothing else), and so are truncated samples whose trained tokens all lay
+    beyond max_len (n_trained_within: trained positions among the first max_len tokens).
+    Returns (indices, lengths, counts by reason)."""
     lengths = np.asarray(lengths, dtype=np.int64)
     n_trained = np.asarray(n_trained, dtype=np.int64)
+    within = n_trained if n_trained_within is None else np.asarray(n_trained_within, dtype=np.int64)
     too_long = lengths > max_len
     counts = {"read": int(len(lengths)), "no_trained_tokens": int((n_trained == 0).sum())}
     keep = n_trained > 0
@@ -116,7 +120,10 @@ def select_samples(lengths, n_trained, max_len, oversize):
         counts["too_long_dropped"] = int((too_long & keep).sum())
         keep &= ~too_long
     else:
-        counts["too_long_truncated"] = int((too_long & keep).sum())
+        lost = too_long & keep & (within == 0)
+        counts["too_long_truncated"] = int((too_long & keep & ~lost).sum())
+        counts["too_long_no_trained_tokens_left"] = int(lost.sum())
+        keep &= ~lost
     idx = np.flatnonzero(keep)
     counts["kept"] = int(len(idx))
     return idx, np.minimum(lengths[idx], max_len), counts
@@ -235,21 +242,29 @@ class PackedLM(torch.nn.Module):
         return packed_loss_sum(self.model, batch, self.chunk, self.flash)
 
 
-def scan_tokens(ds):
-    """(trained positions per sample, i.e. labels[1:] != -100; the largest token id), read from
-    Arrow in record batches so that a million samples never become Python lists."""
+def scan_tokens(ds, max_len=None):
+    """(trained positions per sample, i.e. labels[1:] != -100; the same among the first max_len
+    tokens, what is left after truncation; the largest token id), read from Arrow in record
+    batches so that a million samples never become Python lists."""
     import pyarrow.compute as pc
-    counts, max_id = [], -1
+    counts, within, max_id = [], [], -1
     for rb in ds.data.to_batches(max_chunksize=8192):
         labels = rb.column(rb.schema.get_field_index("labels"))
         flat = pc.list_flatten(labels).to_numpy(zero_copy_only=False)
         parent = pc.list_parent_indices(labels).to_numpy(zero_copy_only=False)
-        n = np.bincount(parent, weights=flat != -100, minlength=len(labels)).astype(np.int64)
-        first = pc.list_element(labels, 0).to_numpy(zero_copy_only=False)
-        counts.append(n - (first != -100))
+        # position of each flattened label inside its own sample (offsets are where samples start)
+        starts = labels.offsets.to_numpy(zero_copy_only=False)[:-1] - labels.offsets[0].as_py()
+        pos = np.arange(len(flat)) - starts[parent]
+        trained = (flat != -100) & (pos >= 1)  # nothing predicts a sample's first token
+        counts.append(np.bincount(parent, weights=trained, minlength=len(labels)).astype(np.int64))
+        if max_len is not None:
+            trained &= pos < max_len
+            within.append(np.bincount(parent, weights=trained, minlength=len(labels)).astype(np.int64))
         ids_max = pc.max(pc.list_flatten(rb.column(rb.schema.get_field_index("input_ids")))).as_py()
         max_id = max(max_id, -1 if ids_max is None else ids_max)
-    return (np.concatenate(counts) if counts else np.zeros(0, dtype=np.int64)), max_id
+    empty = np.zeros(0, dtype=np.int64)
+    n_trained = np.concatenate(counts) if counts else empty
+    return n_trained, (np.concatenate(within) if within else empty) if max_len is not None else n_trained, max_id
 
 
 def check_isolation(model, flash=False):
@@ -349,17 +364,105 @@ def weight_files(path):
     return files or sorted(glob.glob(os.path.join(path, "pytorch_model*.bin")))
 
 
+TOKENIZER_PROBES = [
+    "中华人民共和国民法典第五百七十七条　当事人一方不履行合同义务或者履行合同义务不符合约定的，应当承担继续履行、采取补救措施或者赔偿损失等违约责任。",
+    "原告张三诉称：2023年5月1日，被告借款人民币50,000元，约定月利率1.5%。\n\n  被告未到庭。",
+    "Article 577 of the Civil Code.  Two  spaces,\ttabs and\nnewlines.",
+    " a leading space",
+]
+
+
+def sentencepiece_reference(sp, text, specials, bos):
+    """How InternLM2Tokenizer encodes `text` (its remote code, re-stated): BOS, then the pieces
+    between special tokens each given to sentencepiece on its own, the special tokens as their ids."""
+    ids = [bos] if bos is not None else []
+    for part in re.split("(" + "|".join(map(re.escape, specials)) + ")", text) if specials else [text]:
+        if part in specials:
+            ids.append(sp.piece_to_id(part))
+        elif part:
+            ids += sp.encode(part)
+    return ids
+
+
+def convert_internlm2_tokenizer(src, dst, vocab_size, trust_remote_code=False):
+    """InternLM2's tokenizer without its remote code, as a tokenizers-backed copy of its
+    sentencepiece model (what InternLM's own convert2llama does with LlamaTokenizer). transformers'
+    Llama conversion ignores the model's add_dummy_prefix and adds "▁" only at the very start,
+    while InternLM2Tokenizer runs sentencepiece on each stretch between special tokens: the
+    normaliser is set to do exactly that. The result must encode like sentencepiece itself
+    (BOS first, as add_bos_token=True says; no EOS) on probe texts and chat turns, or nothing is written."""
+    from transformers import AutoTokenizer, LlamaTokenizer, PreTrainedTokenizerFast
+    model_file = os.path.join(src, "tokenizer.model")
+    if not os.path.isfile(model_file):
+        if os.path.isfile(os.path.join(src, "tokenizer.json")):  # a checkpoint that already has a fast tokenizer
+            tok = PreTrainedTokenizerFast.from_pretrained(src)
+            tok.init_kwargs.pop("auto_map", None)
+            tok.save_pretrained(dst)
+            return tok
+        sys.exit(f"error: {src} has no tokenizer.model (InternLM2's sentencepiece tokenizer) nor tokenizer.json; "
+                 "copy the model's tokenizer files into it")
+    try:
+        import sentencepiece
+        from sentencepiece import sentencepiece_model_pb2
+    except ImportError:
+        sys.exit("error: InternLM2's tokenizer is a sentencepiece model: pip install sentencepiece")
+    from tokenizers import decoders, normalizers
+    cfg_file = os.path.join(src, "tokenizer_config.json")
+    cfg = json.load(open(cfg_file)) if os.path.isfile(cfg_file) else {}
+    specials = sorted({t["content"] for t in cfg.get("added_tokens_decoder", {}).values() if t.get("special")}
+                      | {t if isinstance(t, str) else t["content"] for t in cfg.get("additional_special_tokens", [])}
+                      - {cfg.get(k) for k in ("bos_token", "eos_token", "unk_token", "pad_token")}, key=len, reverse=True)
+    add_bos, add_eos = cfg.get("add_bos_token", True), cfg.get("add_eos_token", False)
+    tok = LlamaTokenizer.from_pretrained(src, add_bos_token=add_bos, add_eos_token=add_eos, legacy=True,
+                                         additional_special_tokens=specials)
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(open(model_file, "rb").read())
+    dummy = proto.normalizer_spec.add_dummy_prefix
+    backend = tok.backend_tokenizer
+    backend.normalizer = normalizers.Sequence(([normalizers.Prepend("▁")] if dummy else []) + [normalizers.Replace(" ", "▁")])
+    backend.pre_tokenizer = None
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+                                        + ([decoders.Strip(" ", 1, 0)] if dummy else []))
+    if len(tok) > vocab_size:
+        sys.exit(f"error: {src}: the tokenizer has {len(tok)} tokens but the model only {vocab_size} embeddings")
+    tok.init_kwargs.pop("auto_map", None)
+    tok.save_pretrained(dst)
+    saved = json.load(open(os.path.join(dst, "tokenizer_config.json")))
+    saved.pop("auto_map", None)
+    saved["tokenizer_class"] = "PreTrainedTokenizerFast"  # the tokenizer.json as written: no class rebuilds it
+    with open(os.path.join(dst, "tokenizer_config.json"), "w") as f:
+        json.dump(saved, f, indent=2, ensure_ascii=False)
+    # the check, on what a later from_pretrained will load
+    reloaded = AutoTokenizer.from_pretrained(dst)
+    sp = sentencepiece.SentencePieceProcessor(model_file=model_file)
+    probes = list(TOKENIZER_PROBES)
+    if specials:
+        probes.append("".join(f"{specials[i % len(specials)]}{t}" for i, t in enumerate(TOKENIZER_PROBES)))
+    # with --trust-remote-code, InternLM2Tokenizer itself is the reference too
+    original = AutoTokenizer.from_pretrained(src, trust_remote_code=True) if trust_remote_code else None
+    for text in probes:
+        ours = reloaded(text)["input_ids"]
+        ref = sentencepiece_reference(sp, text, specials, sp.bos_id() if add_bos else None) + ([sp.eos_id()] if add_eos else [])
+        for name, expected in [("its sentencepiece model", ref)] + ([("InternLM2Tokenizer", original(text)["input_ids"])]
+                                                                     if original is not None else []):
+            if ours != expected:
+                sys.exit(f"error: the converted tokenizer of {src} does not encode like {name} (text "
+                         f"{text[:30]!r}...: {ours[:8]} vs {expected[:8]}); please report it with the tokenizer files")
+    return reloaded
+
+
 def convert_internlm2(src, dst, trust_remote_code=False):
     """Write a Llama-layout copy of the InternLM2 checkpoint `src` to `dst` (atomically), shard
-    by shard so memory stays at one shard. The tokenizer and its chat template come along."""
+    by shard so memory stays at one shard. The tokenizer and its chat template come along,
+    converted from sentencepiece (no remote code needed to load the result)."""
     from safetensors.torch import load_file, save_file
-    from transformers import AutoTokenizer
     with open(os.path.join(src, "config.json")) as f:
         cfg = json.load(f)
     files = weight_files(src)
     if not files:
         raise FileNotFoundError(f"{src}: no *.safetensors or pytorch_model*.bin weight files")
     tmp = staging_dir(dst)
+    convert_internlm2_tokenizer(src, tmp, cfg["vocab_size"], trust_remote_code)  # first: a bad tokenizer fails in a second
     weight_map = {}
     for i, file in enumerate(files):
         state = load_file(file) if file.endswith(".safetensors") else torch.load(file, map_location="cpu", weights_only=True)
@@ -370,15 +473,6 @@ def convert_internlm2(src, dst, trust_remote_code=False):
     with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=1)
     llama_config_from_internlm2(cfg).save_pretrained(tmp)
-    try:
-        tok = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
-    except Exception:
-        # InternLM2's tokenizer class is remote code, but its tokenizer.model is a plain
-        # sentencepiece model that LlamaTokenizer reads (InternLM's own convert2llama does this).
-        from transformers import LlamaTokenizer
-        tok = LlamaTokenizer.from_pretrained(src)
-    tok.init_kwargs.pop("auto_map", None)
-    tok.save_pretrained(tmp)
     replace_dir(tmp, dst)
     return dst
 
@@ -395,15 +489,39 @@ def is_internlm2(path):
 # Model, schedule, saving
 
 
-def pick_attention(requested, device):
-    if requested != "auto":
-        return requested
-    if device.type == "cuda":
+SDPA_PACKED_MAX_LEN = 8192
+
+
+def pick_attention(requested, device, max_len, log):
+    """The attention implementation. On a GPU, only flash-attention's varlen kernel reads sample
+    boundaries directly; sdpa and eager get a dense [T x T] block-diagonal mask per pack, built
+    by transformers from position_ids, and a masked kernel that computes the whole square: at
+    32k that is a 1 GiB mask and ~4x the attention FLOPs of a pack of 8k samples. So without
+    flash_attn, auto says so loudly, and above SDPA_PACKED_MAX_LEN refuses to fall back."""
+    if requested.startswith("flash"):
         try:
             import flash_attn  # noqa: F401
-            return "flash_attention_2"
         except ImportError:
-            pass
+            sys.exit(f"error: --attn {requested} needs the flash_attn package: pip install flash-attn --no-build-isolation")
+        return requested
+    if requested != "auto":
+        if device.type == "cuda" and max_len > SDPA_PACKED_MAX_LEN:
+            log(f"warning: --attn {requested} on a GPU with packs of {max_len} tokens: every pack gets a dense "
+                f"[{max_len} x {max_len}] mask and full-square attention; flash_attention_2 is much faster and smaller")
+        return requested
+    if device.type != "cuda":
+        return "sdpa"
+    try:
+        import flash_attn  # noqa: F401
+        return "flash_attention_2"
+    except ImportError:
+        pass
+    msg = (f"flash_attn is not installed (pip install flash-attn --no-build-isolation), so packed samples would go "
+           f"through sdpa with a dense [{max_len} x {max_len}] mask per pack and full-square attention")
+    if max_len > SDPA_PACKED_MAX_LEN:
+        sys.exit(f"error: {msg}: at --max-len {max_len} that is a likely out-of-memory or a very slow run. Install "
+                 f"flash-attn, or pass --attn sdpa to accept it, or use --max-len {SDPA_PACKED_MAX_LEN} or less")
+    log(f"WARNING: {msg}; install flash-attn for speed")
     return "sdpa"
 
 
@@ -420,17 +538,12 @@ def model_config(path, tokenizer, trust_remote_code):
     return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 
-def load_model(path, dtype, attn, trust_remote_code, tokenizer=None):
-    """(model in `dtype`, the dtype its checkpoint was stored in). A config .json gives a
-    random-init model (seeded by the caller's torch.manual_seed)."""
+def load_model(path, dtype, attn, trust_remote_code):
+    """(model in `dtype`, the dtype its checkpoint was stored in) from a checkpoint folder."""
     from transformers import AutoModelForCausalLM
-    config = model_config(path, tokenizer, trust_remote_code)
-    stored = config.dtype
-    if path.endswith(".json") and os.path.isfile(path):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn,
-                                                     trust_remote_code=trust_remote_code)
+    stored = model_config(path, None, trust_remote_code).dtype
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn,
+                                                 trust_remote_code=trust_remote_code)
     model.config.use_cache = False
     for attr in ("model", "lm_head"):
         if not hasattr(model, attr):
@@ -438,6 +551,31 @@ def load_model(path, dtype, attn, trust_remote_code, tokenizer=None):
                              f"(Llama, Qwen2, Mistral, converted InternLM2 ...), got {type(model).__name__}")
     stored = getattr(torch, stored) if isinstance(stored, str) else stored
     return model, stored if isinstance(stored, torch.dtype) else torch.float32
+
+
+def check_rope_with_packing(cfg, lengths, name):
+    """Refuse RoPE variants that rescale by sequence length when a pack could trigger them.
+
+    Dynamic-NTK and LongRoPE choose their frequencies from the largest position id of the whole
+    input (transformers: max(position_ids) + 1), and dynamic NTK keeps the largest one seen. In a
+    pack that is the longest sample's length, so once a sample is longer than the original
+    context, its pack-mates -- and every later pack -- are encoded differently from how they
+    would be alone: packing no longer isolates samples. Below that length nothing is rescaled.
+    InternLM2-Chat-7B (dynamic, 32k) at --max-len 32768 is safe; a 4k model packed to 32k is not."""
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    variants = [rope] if "rope_type" in rope else [v for v in rope.values() if isinstance(v, dict)]
+    for r in variants:
+        kind = r.get("rope_type", "default")
+        if kind not in ("dynamic", "longrope"):
+            continue
+        limit = cfg.max_position_embeddings if kind == "dynamic" else \
+            (r.get("original_max_position_embeddings") or cfg.max_position_embeddings)
+        n_over = int((np.asarray(lengths) > limit).sum())
+        if n_over:
+            sys.exit(f"error: {name} uses {kind} RoPE, which rescales positions by the longest sample in a pack, and "
+                     f"{n_over} of the {len(lengths)} samples are longer than its {limit} tokens: packed samples would "
+                     f"change each other's position encoding. Use --max-len {limit} (longer samples are then dropped, "
+                     f"or truncated with --oversize truncate), or a static rope scaling (linear, yarn) in its config.json")
 
 
 def lr_at(step, total, warmup, peak, min_ratio):
@@ -767,7 +905,8 @@ def peak_tflops(args, device):
 
 def load_cpt_data(pattern, tokenizer, max_len, num_proc=None):
     """Raw legal text for continued pre-training, tokenized: every token is trained, each
-    document ends with EOS, and documents longer than max_len become consecutive pieces."""
+    document starts as the tokenizer starts a text (BOS for InternLM2 and Llama, nothing for
+    Qwen2) and ends with EOS, and documents longer than max_len become consecutive pieces."""
     from datasets import Dataset, load_dataset
     files = sorted(glob.glob(pattern)) or ([pattern] if os.path.isfile(pattern) else [])
     if not files:
@@ -784,22 +923,123 @@ def load_cpt_data(pattern, tokenizer, max_len, num_proc=None):
                 docs += [b.strip() for b in fh.read().split("\n\n") if b.strip()]
     eos = tokenizer.eos_token_id
     ids, n_split = [], 0
-    for enc in tokenizer(docs, add_special_tokens=False)["input_ids"]:
-        enc = enc + [eos]
+    # the tokenizer's own special tokens, as in pre-training: InternLM2 and Llama put BOS first
+    for enc in tokenizer(docs)["input_ids"]:
+        enc = enc if enc and enc[-1] == eos else enc + [eos]
         n_split += len(enc) > max_len
         ids += [enc[i:i + max_len] for i in range(0, len(enc), max_len)]
     ds = Dataset.from_dict({"input_ids": ids, "labels": ids, "length": [len(x) for x in ids]})
     return ds, {"documents": len(docs), "documents_split": n_split, "pieces": len(ids)}
 
 
-def resolve_model(args, master, log):
-    """The weights to start from: --model, else InternLM2-Chat-7B (stage 1) or stage 1's final
-    weights (stage 2). An InternLM2 checkpoint is converted once to the Llama layout (rank 0)."""
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # org/name, as the Hugging Face hub spells ids
+
+
+def check_inputs(args):
+    """Every path the run needs, checked before anything heavy is loaded, so that a typo costs a
+    second and names itself (not a tokenizer or hub traceback minutes later). Returns the
+    tokenizer folder to use: prepare_data.py's (the data was tokenized with it) or the model's."""
+    if args.cpt_data:
+        if not (glob.glob(args.cpt_data) or os.path.isfile(args.cpt_data)):
+            sys.exit(f"error: --cpt-data {args.cpt_data}: no such files")
+    elif not os.path.isdir(os.path.join(args.data, f"stage{args.stage}")):
+        sys.exit(f"error: {os.path.join(args.data, f'stage{args.stage}')} not found: "
+                 f"run prepare_data.py --out {args.data} first (or pass --data)")
+    model = args.model
+    tok_dir = os.path.join(args.data, "tokenizer")
+    has_tok = os.path.isdir(tok_dir)
+    if model is None:
+        return tok_dir if has_tok else None
+    if model.endswith(".json"):
+        if not os.path.isfile(model):
+            sys.exit(f"error: --model {model}: no such config file")
+        if not has_tok:
+            sys.exit(f"error: --model {model} is a bare config (random init), which has no tokenizer: expected "
+                     f"prepare_data.py's {tok_dir} (pass --data)")
+    elif os.path.isdir(model):
+        if not os.path.isfile(os.path.join(model, "config.json")):
+            sys.exit(f"error: --model {model} has no config.json: not a Hugging Face model folder")
+        if not has_tok and not any(os.path.isfile(os.path.join(model, f)) for f in TOKENIZER_FILES):
+            sys.exit(f"error: no tokenizer: neither {tok_dir} nor --model {model} has tokenizer files "
+                     f"({', '.join(TOKENIZER_FILES)})")
+    elif os.path.exists(model) or not HUB_ID.match(model):
+        sys.exit(f"error: --model {model}: no such folder (nor a hub id like internlm/internlm2-chat-7b)")
+    return tok_dir if has_tok else None
+
+
+def hub_snapshot(repo_id, log):
+    """A hub model id -> the local folder of its files (downloaded once into the Hugging Face
+    cache: each node's local rank 0 first, then the others read the cache). Safetensors only."""
+    from huggingface_hub import snapshot_download
+    local_first = int(os.environ.get("LOCAL_RANK", 0)) == 0
+    path = None
+    for turn in (True, False):
+        if turn == local_first:
+            try:
+                if turn:
+                    log(f"downloading {repo_id} from the Hugging Face hub into its cache")
+                path = snapshot_download(repo_id, ignore_patterns=["*.bin", "*.pth", "*.pt", "*.gguf", "*.h5",
+                                                                    "*.msgpack", "*.onnx"])
+            except Exception as e:  # offline, unknown repo, gated, ...: one line, not a traceback
+                reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                sys.exit(f"error: --model {repo_id} is not a local folder, and fetching it from the Hugging Face hub "
+                         f"failed ({type(e).__name__}: {reason}); pass the path of a downloaded model folder")
+        barrier()
+    return path
+
+
+def init_from_config(cfg_path, tokenizer, seed, dst):
+    """A random-init model from a bare config .json, written once as a checkpoint folder that
+    every run then loads. Initialising here, in fp32 on one process, makes the weights depend
+    only on (config, vocabulary, seed): DeepSpeed ZeRO-3 would otherwise initialise them
+    partitioned, with other random numbers than ZeRO-0/1/2 and than another world size."""
+    import hashlib
+    from transformers import AutoModelForCausalLM
+    key = {"config_sha256": hashlib.sha256(open(cfg_path, "rb").read()).hexdigest(), "vocab": len(tokenizer),
+           "seed": seed, "torch": torch.__version__}
+    key_file = os.path.join(dst, "init.json")
+    if os.path.isfile(key_file) and json.load(open(key_file)) == key:
+        return dst
+    config = model_config(cfg_path, tokenizer, False)
+    stored = config.dtype
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    torch.random.set_rng_state(state)
+    tmp = staging_dir(dst)
+    model.save_pretrained(tmp)
+    with open(os.path.join(tmp, "config.json")) as f:
+        cfg = json.load(f)
+    cfg["dtype"] = str(stored).removeprefix("torch.") if stored is not None else "float32"  # fp32 tensors, the config's dtype
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+    tokenizer.save_pretrained(tmp)
+    with open(os.path.join(tmp, "init.json"), "w") as f:
+        json.dump(key, f)
+    replace_dir(tmp, dst)
+    return dst
+
+
+def resolve_model(args, tok_dir, master, log):
+    """The weights to start from, as a local folder: --model, else InternLM2-Chat-7B (stage 1) or
+    stage 1's final weights (stage 2). A hub id is downloaded; an InternLM2 checkpoint is
+    converted once to the Llama layout; a config .json is initialised once (rank 0 writes, the
+    others wait)."""
     model_path = args.model or ("internlm/internlm2-chat-7b" if args.stage == 1
                                 else os.path.join(args.out_dir, "stage1", "final"))
     if args.stage == 2 and args.model is None and not os.path.isdir(model_path):
         sys.exit(f"error: stage 2 starts from stage 1's weights, but {model_path} does not exist "
                  "(run --stage 1 first, or pass --model)")
+    if model_path.endswith(".json"):
+        from transformers import AutoTokenizer
+        init = os.path.join(args.out_dir, f"stage{args.stage}", "init")
+        if master:
+            init_from_config(model_path, AutoTokenizer.from_pretrained(tok_dir), args.seed, init)
+        barrier()
+        return init
+    if not os.path.exists(model_path):
+        model_path = hub_snapshot(model_path, log)
     if is_internlm2(model_path):
         converted = os.path.join(args.out_dir, "base-llama")
         if master and not os.path.isdir(converted):
@@ -808,6 +1048,24 @@ def resolve_model(args, master, log):
         barrier()
         model_path = converted
     return model_path
+
+
+def check_schema(ds, name):
+    """The columns a stage dataset needs, with integer token lists: a missing `labels` would
+    otherwise be read from whatever column comes last."""
+    import pyarrow as pa
+    need = {"input_ids": "list", "labels": "list", "length": "int"}
+    schema = ds.data.schema
+    missing = [c for c in need if c not in schema.names]
+    if missing:
+        sys.exit(f"error: {name} has no {', '.join(missing)} column(s) (it has {', '.join(schema.names)}): "
+                 "train.py reads prepare_data.py's output (input_ids, labels -100 outside the replies, length)")
+    for col, kind in need.items():
+        t = schema.field(col).type
+        ok = (pa.types.is_integer(t.value_type) if pa.types.is_list(t) or pa.types.is_large_list(t) else False) \
+            if kind == "list" else pa.types.is_integer(t)
+        if not ok:
+            sys.exit(f"error: {name}: column {col} is {t}, expected {'a list of token ids' if kind == 'list' else 'an integer'}")
 
 
 def load_stage_data(args, tokenizer):
@@ -822,9 +1080,10 @@ def load_stage_data(args, tokenizer):
         if not os.path.isdir(data_name):
             sys.exit(f"error: {data_name} not found: run prepare_data.py --out {args.data} first")
         ds, cpt_counts = load_from_disk(data_name), None
+    check_schema(ds, data_name)
     lengths = ds.data.column("length").to_numpy().astype(np.int64)
-    n_trained, max_id = scan_tokens(ds)
-    idx, sel_len, counts = select_samples(lengths, n_trained, args.max_len, args.oversize)
+    n_trained, n_within, max_id = scan_tokens(ds, args.max_len)
+    idx, sel_len, counts = select_samples(lengths, n_trained, args.max_len, args.oversize, n_within)
     if cpt_counts:
         counts.update(cpt_counts)
     if not len(idx):
@@ -885,8 +1144,13 @@ def main(argv=None):
     from tqdm import tqdm
     from transformers import AutoTokenizer
 
-    with open(args.deepspeed) as f:
-        zero_stage = args.zero_stage if args.zero_stage is not None else json.load(f).get("zero_optimization", {}).get("stage", 0)
+    try:
+        with open(args.deepspeed) as f:
+            ds_file = json.load(f)
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: --deepspeed {args.deepspeed}: {e}")
+    zero_stage = args.zero_stage if args.zero_stage is not None else ds_file.get("zero_optimization", {}).get("stage", 0)
+    tok_dir = check_inputs(args)  # paths first: nothing heavy is loaded before they are known to exist
     if args.lora and zero_stage == 3:
         sys.exit("error: --lora needs --zero-stage 0, 1 or 2 (merging adapters into ZeRO-3 shards is not supported)")
     rank, world, device = setup_distributed(zero_stage > 0)
@@ -903,10 +1167,8 @@ def main(argv=None):
 
     run_dir = os.path.join(args.out_dir, f"stage{args.stage}")
     ckpt_root = os.path.join(run_dir, "checkpoints")
-    tok_dir = os.path.join(args.data, "tokenizer")
-    model_path = resolve_model(args, master, log)
-    tokenizer = AutoTokenizer.from_pretrained(tok_dir if os.path.isdir(tok_dir) else model_path,
-                                              trust_remote_code=args.trust_remote_code)
+    model_path = resolve_model(args, tok_dir, master, log)
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir or model_path, trust_remote_code=args.trust_remote_code)
 
     # --- data: select, pack, plan steps (identically on every rank: packing is deterministic)
     ds, data_name, idx, sel_len, counts, max_id = load_stage_data(args, tokenizer)
@@ -915,20 +1177,22 @@ def main(argv=None):
     steps_per_epoch = len(step_plan(len(packs0), world, args.grad_accum))
     total_steps = args.max_steps or max(1, math.ceil(args.epochs * steps_per_epoch))
     warmup = int(args.warmup_ratio * total_steps)
+    model_cfg = model_config(model_path, tokenizer, args.trust_remote_code)
+    check_rope_with_packing(model_cfg, sel_len, model_path)  # before loading weights: the lengths decide
     log(f"data: {counts['read']} samples in {data_name}, {counts['kept']} trainable ({counts}); "
         f"{len(packs0)} packs of <= {args.max_len} tokens, fill {fill0:.2%}; "
         f"{steps_per_epoch} steps/epoch on {world} rank(s) x {args.grad_accum} packs; {total_steps} steps")
 
     # --- model, optimizer, schedule; DeepSpeed or plain PyTorch
     dtype = args.dtype if args.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    attn = pick_attention(args.attn, device)
+    attn = pick_attention(args.attn, device, args.max_len, log)
     flash = attn.startswith("flash")
     engine = ds_keepalive = None
     if zero_stage > 0:
         try:
             import deepspeed
             deepspeed.init_distributed(dist_backend=dist.get_backend())  # adopts our process group
-            hidden = model_config(model_path, tokenizer, args.trust_remote_code).hidden_size
+            hidden = model_cfg.hidden_size
             ds_cfg = deepspeed_config(args.deepspeed, args, world, dtype, zero_stage, hidden)
             if zero_stage == 3:
                 # must exist before from_pretrained: transformers then builds the model already
@@ -942,7 +1206,7 @@ def main(argv=None):
             zero_stage = 0
     # without DeepSpeed the weights stay fp32 (master weights) and bf16 is autocast
     load_dtype = torch.bfloat16 if zero_stage > 0 and dtype == "bf16" else torch.float32
-    model, stored_dtype = load_model(model_path, load_dtype, attn, args.trust_remote_code, tokenizer)
+    model, stored_dtype = load_model(model_path, load_dtype, attn, args.trust_remote_code)
     if max_id >= model.config.vocab_size:
         sys.exit(f"error: {data_name} has token id {max_id} but {model_path} has only {model.config.vocab_size} "
                  "embeddings: the data was tokenized for another model (prepare_data.py --tokenizer)")

@@ -58,7 +58,7 @@ def run_ours(data, tokenizer_dir, max_len, gpu):
     model, _ = build_model(tokenizer_dir, gpu)
     device = torch.device("cuda" if gpu else "cpu")
     model.to(device).train()
-    n_trained, _ = train.scan_tokens(ds)
+    n_trained, _, _ = train.scan_tokens(ds)
     idx, sel_len, _ = train.select_samples(ds["length"], n_trained, max_len, "drop")
     packs = train.pack_best_fit(sel_len, max_len, seed=0)
     runner = train.PackedLM(model, 2048, False)

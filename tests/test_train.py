@@ -146,7 +146,11 @@ def test_oversize_and_untrainable_samples_are_counted_never_lost():
     assert counts == {"read": 5, "no_trained_tokens": 1, "too_long_dropped": 2, "kept": 2}
     idx, sel, counts = train.select_samples(lengths, n_trained, 4096, "truncate")
     assert idx.tolist() == [0, 1, 3, 4] and sel.tolist() == [10, 4096, 4096, 30]
-    assert counts == {"read": 5, "no_trained_tokens": 1, "too_long_truncated": 2, "kept": 4}
+    assert counts == {"read": 5, "no_trained_tokens": 1, "too_long_truncated": 2, "too_long_no_trained_tokens_left": 0,
+                      "kept": 4}
+    # with trained tokens only beyond 4096, sample 3 has none left once truncated: dropped, counted
+    idx, sel, counts = train.select_samples(lengths, n_trained, 4096, "truncate", [5, 100, 0, 0, 10])
+    assert idx.tolist() == [0, 1, 4] and counts["too_long_no_trained_tokens_left"] == 1 and counts["kept"] == 3
 
 
 def test_step_plan_gives_every_pack_once_and_every_rank_accum_micro_batches_per_step():
@@ -191,8 +195,9 @@ def test_trained_tokens_and_max_id_read_from_arrow_match_the_rows(demo_prepared)
     from datasets import load_from_disk
     ds = load_from_disk(os.path.join(demo_prepared, "stage1"))
     expected = [sum(y != -100 for y in lab[1:]) for lab in ds["labels"]]
-    counts, max_id = train.scan_tokens(ds)
+    counts, within, max_id = train.scan_tokens(ds, 256)
     assert counts.tolist() == expected and sum(expected) > 0
+    assert within.tolist() == [sum(y != -100 for y in lab[1:256]) for lab in ds["labels"]] != expected
     assert max_id == max(max(ids) for ids in ds["input_ids"])
 
 

@@ -56,7 +56,7 @@ def first_step_loss(model_dir, data_dir, max_len, world, accum, seed=42):
     same packing: the sum of token losses over the step's packs / their trained tokens."""
     from datasets import load_from_disk
     ds = load_from_disk(data_dir)
-    n_trained, _ = train.scan_tokens(ds)
+    n_trained, _, _ = train.scan_tokens(ds)
     idx, sel_len, _ = train.select_samples(ds["length"], n_trained, max_len, "drop")
     packs = train.pack_best_fit(sel_len, max_len, seed, 0)
     plan = train.step_plan(len(packs), world, accum)[0]
