@@ -23,6 +23,15 @@ system prompt, as InternLM-Law is evaluated), then score them, or both in one go
         --out predictions/internlm-law
     python evaluate.py run --model out/stage2/final --lawbench-data LawBench/data --setting zero_shot \
         --out predictions/internlm-law --results results/internlm-law
+    # one model per GPU, each task's items split across the ranks
+    torchrun --nproc_per_node 8 evaluate.py run --model out/stage2/final ...same flags...
+    # through a serving engine (LMDeploy, vLLM, SGLang: anything OpenAI-compatible)
+    lmdeploy serve api_server out/stage2/final --server-port 23333 --model-name internlm-law &
+    python evaluate.py run --api-base http://127.0.0.1:23333/v1 --model internlm-law --concurrency 64 \
+        --lawbench-data LawBench/data --setting zero_shot --out predictions/internlm-law --results results/internlm-law
+
+Replies are at most 1024 new tokens by default: OpenCompass's max_out_len for LawBench, with which
+InternLM-Law was scored.
 
 Why a re-implementation rather than calling LawBench's scripts: the official scorer takes ~210 s per
 model on one core (95% in task 2-1, which aligns every sentence twice in subprocesses and decides
@@ -44,7 +53,7 @@ from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 
 from cherrant import cherrant_edits, cherrant_resources, compare_edits, f_beta
-from common import atomic_write, write_json
+from common import api_client, atomic_write, chat_replies, check_served, write_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # ChERRANT's lexical resources (from LawBench, Apache-2.0, see lawbench_assets/NOTICE.md).
@@ -851,14 +860,41 @@ def read_partial(path):
     return done
 
 
-def load_generator(path, trust_remote_code):
+def open_partial(path):
+    """The progress file for appending. A line torn by a kill is closed first, so that the next
+    record starts on a line of its own (the torn one is then skipped on reading)."""
+    torn = False
+    if os.path.exists(path) and os.path.getsize(path):
+        with open(path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            torn = f.read(1) != b"\n"
+    out = open(path, "a", encoding="utf-8")
+    if torn:
+        out.write("\n")
+    return out
+
+
+def partial_path(partial_dir, task, rank):
+    """Rank 0 (and a single process) appends to <task>.jsonl, rank r to <task>.rank<r>.jsonl."""
+    return os.path.join(partial_dir, f"{task}.jsonl" if rank == 0 else f"{task}.rank{rank}.jsonl")
+
+
+def read_partials(partial_dir, task, n_items):
+    """{item id: prediction} from every rank's progress file of a task (a run may resume on
+    another number of processes, or through a server)."""
+    done = {}
+    for name in sorted(os.listdir(partial_dir)) if os.path.isdir(partial_dir) else []:
+        if name == f"{task}.jsonl" or re.fullmatch(re.escape(task) + r"\.rank\d+\.jsonl", name):
+            done.update(read_partial(os.path.join(partial_dir, name)))
+    return {i: p for i, p in done.items() if i < n_items}
+
+
+def load_generator(path, trust_remote_code, device):
     """(model, tokenizer, ids that end a reply) for greedy batched generation with left padding."""
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, padding_side="left")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype="auto", trust_remote_code=trust_remote_code)
     except ValueError as exc:
@@ -875,18 +911,20 @@ def load_generator(path, trust_remote_code):
     return model, tok, sorted(i for i in stop if i is not None)
 
 
-def generate_task(model, tok, stop_ids, prompts, done, partial_path, batch_size, max_new_tokens, bar):
-    """Greedy replies for the prompts not in `done`, appended to partial_path batch by batch.
-    Longest prompts first: batches of similar lengths waste no padding, and an out-of-memory
-    error shows up in the first batch rather than after an hour. Returns prompts truncated."""
+def generate_task(model, tok, stop_ids, prompts, done, partial_path, batch_size, max_new_tokens, bar, only=None):
+    """Greedy replies for the prompts not in `done` (and in `only`: this rank's share), appended
+    to partial_path batch by batch. Longest prompts first: batches of similar lengths waste no
+    padding, and an out-of-memory error shows up in the first batch rather than after an hour.
+    Returns the number of prompts truncated to fit the context."""
     import torch
     limit = getattr(model.config, "max_position_embeddings", None)
-    texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-             if tok.chat_template else p for p in prompts]
-    ids = [tok(t, add_special_tokens=not tok.chat_template)["input_ids"] for t in texts]
+    mine = [i for i in range(len(prompts)) if i not in done and (only is None or i in only)]
+    texts = {i: tok.apply_chat_template([{"role": "user", "content": prompts[i]}], tokenize=False,
+                                        add_generation_prompt=True) if tok.chat_template else prompts[i] for i in mine}
+    ids = {i: tok(t, add_special_tokens=not tok.chat_template)["input_ids"] for i, t in texts.items()}
     truncated = 0
-    todo = sorted((i for i in range(len(prompts)) if i not in done), key=lambda i: -len(ids[i]))
-    with open(partial_path, "a", encoding="utf-8") as out:
+    todo = sorted(mine, key=lambda i: -len(ids[i]))
+    with open_partial(partial_path) as out:
         for k in range(0, len(todo), batch_size):
             batch = todo[k:k + batch_size]
             rows = []
@@ -912,10 +950,26 @@ def generate_task(model, tok, stop_ids, prompts, done, partial_path, batch_size,
     return truncated
 
 
-def model_fingerprint(path):
+def generate_task_api(client, model_name, prompts, done, partial_path, todo, concurrency, max_new_tokens, bar):
+    """generate_task through an OpenAI-compatible server: the server applies the model's chat
+    template and stops at its end of turn; replies are appended as they arrive, in any order."""
+    with open_partial(partial_path) as out:
+        def on_reply(i, text):
+            done[i] = text
+            out.write(json.dumps({"id": i, "prediction": text}, ensure_ascii=False) + "\n")
+            out.flush()
+            os.fsync(out.fileno())
+            bar.update(1)
+        chat_replies(client, model_name, prompts, todo, max_new_tokens, concurrency, on_reply)
+
+
+def model_fingerprint(path, api_base=None):
     """Identifies the weights behind a prediction folder, so that a resume never mixes replies of
-    two models: the weight files' names, sizes and modification times, and config.json."""
+    two models: the weight files' names, sizes and modification times, and config.json; for a
+    served model, the server's URL and the model's name."""
     import hashlib
+    if api_base:
+        return hashlib.sha256(f"{api_base.rstrip('/')}\0{path}".encode()).hexdigest()[:16]
     h = hashlib.sha256(str(os.path.abspath(path)).encode())
     if os.path.isdir(path):
         for name in sorted(os.listdir(path)):
@@ -926,16 +980,56 @@ def model_fingerprint(path):
     return h.hexdigest()[:16]
 
 
+def setup_ranks(api):
+    """(rank, world, device, collectives). Under torchrun the in-process backend splits each
+    task's items across the ranks, one model per GPU; a server needs one client process."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1 and api:
+        raise SystemExit("error: with --api-base run one process (python evaluate.py ...): the serving engine "
+                         "does the parallelism; raise --concurrency instead")
+    if api:
+        return 0, 1, None, (lambda: None), (lambda x: x)
+    import torch
+    import torch.distributed as dist
+    rank, local = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+    def barrier():
+        if world > 1:
+            dist.barrier()
+
+    def total(x):
+        if world == 1:
+            return x
+        t = torch.tensor(int(x), device=device)
+        dist.all_reduce(t)
+        return int(t.item())
+    return rank, world, device, barrier, total
+
+
 def cmd_generate(args):
     from tqdm import tqdm
     tasks = parse_tasks(args.tasks) or list(TASKS)
     data = {t: load_lawbench_task(args.lawbench_data, args.setting, t)[:args.limit] for t in tasks}
-    model, tok, stop_ids = load_generator(args.model, args.trust_remote_code)
-    if not tok.chat_template:
-        print(f"warning: {args.model} has no chat template; prompts are given as plain text", file=sys.stderr)
+    api = bool(args.api_base)
+    rank, world, device, barrier, total = setup_ranks(api)
+    master = rank == 0
+    if api:
+        client, served = api_client(args.api_base, args.api_key_env, args.timeout, args.retries)
+        check_served(served, args.model, args.api_base)
+        backend = {"backend": "api", "api_base": args.api_base, "chat_template": "the server's"}
+    else:
+        model, tok, stop_ids = load_generator(args.model, args.trust_remote_code, device)
+        if not tok.chat_template and master:
+            print(f"warning: {args.model} has no chat template; prompts are given as plain text", file=sys.stderr)
+        backend = {"backend": "transformers", "processes": world, "chat_template": bool(tok.chat_template)}
     partial_dir = os.path.join(args.out, ".partial")
-    meta = {"model": args.model, "fingerprint": model_fingerprint(args.model), "setting": args.setting,
-            "max_new_tokens": args.max_new_tokens, "decoding": "greedy", "chat_template": bool(tok.chat_template)}
+    meta = {"model": args.model, "fingerprint": model_fingerprint(args.model, args.api_base), "setting": args.setting,
+            "max_new_tokens": args.max_new_tokens, "decoding": "greedy", **backend}
     meta_path = os.path.join(args.out, ".generation.json")
     if os.path.exists(meta_path):
         old = json.load(open(meta_path, encoding="utf-8"))
@@ -947,37 +1041,67 @@ def cmd_generate(args):
         existing = [n for n in os.listdir(args.out) if n.endswith(".json") and n[:-5] in TASKS]
         if existing or os.path.isdir(partial_dir):
             raise SystemExit(f"error: {args.out} already holds predictions of unknown origin; use another --out")
-    os.makedirs(partial_dir, exist_ok=True)
-    write_json(meta_path, {**meta, "tasks": {}})
+    barrier()  # every rank has checked the folder before rank 0 writes into it
+    if master:
+        os.makedirs(partial_dir, exist_ok=True)
+        write_json(meta_path, {**meta, "tasks": {}})
+    barrier()
     meta["tasks"] = {}
     started = time.time()
     for task in tasks:
-        final, partial = os.path.join(args.out, f"{task}.json"), os.path.join(partial_dir, f"{task}.jsonl")
+        final = os.path.join(args.out, f"{task}.json")
         items = data[task]
+        prompts = [lawbench_prompt(it) for it in items]
         if os.path.exists(final) and len(json.load(open(final, encoding="utf-8"))) == len(items):
             meta["tasks"][task] = {"items": len(items), "resumed": "complete"}
             continue
-        done = {i: p for i, p in read_partial(partial).items() if i < len(items)}
+        done = read_partials(partial_dir, task, len(items))
         resumed = len(done)
-        with tqdm(total=len(items), initial=resumed, desc=f"{args.setting} {task}", disable=args.quiet) as bar:
-            truncated = generate_task(model, tok, stop_ids, [lawbench_prompt(it) for it in items], done, partial,
-                                      args.batch_size, args.max_new_tokens, bar)
-        preds = {str(i): {"origin_prompt": [{"role": "HUMAN", "prompt": lawbench_prompt(it)}],
-                          "prediction": done[i], "refr": it["answer"]} for i, it in enumerate(items)}
-        write_json(final, preds)
-        os.unlink(partial)
+        # this rank's share: the remaining items dealt out longest first, so every rank gets a similar load
+        remaining = sorted((i for i in range(len(items)) if i not in done), key=lambda i: (-len(prompts[i]), i))
+        mine = remaining[rank::world]
+        barrier()  # all ranks have read the progress files before any appends to them
+        mine_path = partial_path(partial_dir, task, rank)
+        truncated = 0
+        with tqdm(total=len(items), initial=resumed, desc=f"{args.setting} {task}", unit="item",
+                  disable=args.quiet or not master) as bar:
+            if api:
+                generate_task_api(client, args.model, prompts, done, mine_path, mine, args.concurrency,
+                                  args.max_new_tokens, bar)
+            else:
+                truncated = generate_task(model, tok, stop_ids, prompts, done, mine_path, args.batch_size,
+                                          args.max_new_tokens, bar, only=set(mine))
+        barrier()
+        truncated = total(truncated)
+        if master:
+            done = read_partials(partial_dir, task, len(items))
+            missing = [i for i in range(len(items)) if i not in done]
+            if missing:
+                raise SystemExit(f"error: {task}: no reply for items {missing[:10]}; run again to resume")
+            preds = {str(i): {"origin_prompt": [{"role": "HUMAN", "prompt": prompts[i]}],
+                              "prediction": done[i], "refr": it["answer"]} for i, it in enumerate(items)}
+            write_json(final, preds)
+            for name in os.listdir(partial_dir):  # every rank's, also those of an earlier run with more ranks
+                if name == f"{task}.jsonl" or re.fullmatch(re.escape(task) + r"\.rank\d+\.jsonl", name):
+                    os.unlink(os.path.join(partial_dir, name))
+        barrier()
         meta["tasks"][task] = {"items": len(items), "resumed_items": resumed, "prompts_truncated": truncated}
-    if not os.listdir(partial_dir):
-        os.rmdir(partial_dir)
-    write_json(meta_path, meta)  # a dot-file: the scorer reads DIR/<task>.json only
-    print(f"Generated {sum(len(v) for v in data.values())} predictions for {len(tasks)} task(s) in "
-          f"{time.time() - started:.0f} s -> {args.out}", file=sys.stderr)
+    if master:
+        if os.path.isdir(partial_dir) and not os.listdir(partial_dir):
+            os.rmdir(partial_dir)
+        elapsed = time.time() - started
+        meta["generation_seconds"] = round(elapsed, 3)  # after loading the model: generation alone
+        write_json(meta_path, meta)  # a dot-file: the scorer reads DIR/<task>.json only
+        n = sum(len(v) for v in data.values())
+        print(f"Generated {n} predictions for {len(tasks)} task(s) in {elapsed:.0f} s ({n / max(elapsed, 1e-9):.2f} "
+              f"items/s, {'server ' + args.api_base if api else f'{world} process(es)'}) -> {args.out}", file=sys.stderr)
+    barrier()
     return 0
 
 
 def cmd_run(args):
     rc = cmd_generate(args)
-    if rc:
+    if rc or int(os.environ.get("RANK", 0)) != 0:  # under torchrun, rank 0 scores
         return rc
     args.predictions, args.models = args.out, None
     args.out = args.results or os.path.join("results", os.path.basename(os.path.normpath(args.predictions)))
@@ -1008,7 +1132,8 @@ def main(argv=None):
             ("generate", "generate LawBench predictions from a checkpoint (greedy, the model's chat template)", cmd_generate),
             ("run", "generate LawBench predictions, then score them", cmd_run)):
         q = sub.add_parser(name, help=text, description=text)
-        q.add_argument("--model", required=True, help="Hugging Face model folder (e.g. out/stage2/final) or hub id")
+        q.add_argument("--model", required=True, help="Hugging Face model folder (e.g. out/stage2/final) or hub id; "
+                       "with --api-base, the name the server serves it under")
         q.add_argument("--lawbench-data", required=True, metavar="DIR",
                        help="LawBench's data folder: DIR/<setting>/<task>.json, lists of {instruction, question, answer}")
         q.add_argument("--setting", choices=["zero_shot", "one_shot"], default="zero_shot",
@@ -1018,7 +1143,18 @@ def main(argv=None):
         q.add_argument("--tasks", default=None, help="comma-separated task ids, e.g. 1-1,3-3 (default: all 20)")
         q.add_argument("--limit", type=int, default=None, help="only the first N items of each task (quick looks)")
         q.add_argument("--batch-size", type=int, default=8, help="prompts per generate() call (default %(default)s)")
-        q.add_argument("--max-new-tokens", type=int, default=512, help="reply length limit (default %(default)s)")
+        q.add_argument("--max-new-tokens", type=int, default=1024,
+                       help="reply length limit (default %(default)s: OpenCompass's max_out_len for LawBench, "
+                       "with which InternLM-Law was scored)")
+        q.add_argument("--api-base", metavar="URL", help="generate through an OpenAI-compatible server instead of "
+                       "loading the model (vLLM, LMDeploy, SGLang, transformers serve), e.g. http://127.0.0.1:23333/v1")
+        q.add_argument("--api-key-env", metavar="VAR", help="environment variable holding the server's API key "
+                       "(default: none; local engines need none)")
+        q.add_argument("--concurrency", type=int, default=16,
+                       help="requests in flight with --api-base (default %(default)s)")
+        q.add_argument("--timeout", type=float, default=600.0, help="seconds per request with --api-base (default %(default)s)")
+        q.add_argument("--retries", type=int, default=5, help="retries of a request on connection errors, 429 and 5xx, "
+                       "with exponential backoff (default %(default)s)")
         q.add_argument("--trust-remote-code", action="store_true",
                        help="allow the checkpoint's own modelling code (needed for unconverted InternLM2)")
         q.add_argument("--quiet", action="store_true", help="no progress bars")

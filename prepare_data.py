@@ -59,7 +59,7 @@ from collections import Counter, defaultdict
 
 import numpy as np
 
-from common import fail, log, replace_dir
+from common import api_client, chat_replies, check_served, fail, log, replace_dir
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1040,13 +1040,17 @@ def parse_judge_score(output):
 
 
 def judge_key(model_path, prompt, response):
-    ident = f"{RUBRIC_VERSION}\0{os.path.abspath(model_path)}\0{prompt}\0{response}"
+    """Cache key: rubric version, judge (a local folder, or a served model as URL|name), the pair."""
+    judge = model_path if "|" in model_path else os.path.abspath(model_path)
+    ident = f"{RUBRIC_VERSION}\0{judge}\0{prompt}\0{response}"
     return hashlib.sha256(ident.encode()).hexdigest()
 
 
-def judge_records(pairs, model_path, cache_path, cfg):
+def judge_records(pairs, model_path, cache_path, cfg, api=None):
     """Scores (float or None) and raw outputs for [(prompt, response)], from the JSONL cache
-    where present (a run can be killed and restarted), otherwise generated greedily in batches."""
+    where present (a run can be killed and restarted), otherwise generated greedily: in batches
+    by a local model, or through an OpenAI-compatible server when api = (client, model name,
+    concurrency) is given (model_path is then "URL|name"). The rubric is the same user turn."""
     cache = {}
     if cache_path and os.path.exists(cache_path):
         with open(cache_path, encoding="utf-8") as f:
@@ -1058,7 +1062,19 @@ def judge_records(pairs, model_path, cache_path, cfg):
                     continue  # a line cut short by a killed run
     keys = [judge_key(model_path, p, r) for p, r in pairs]
     todo = sorted({k: i for i, k in enumerate(keys) if k not in cache}.values())
-    if todo:
+    if todo and api:
+        from tqdm import tqdm
+        client, name, concurrency = api
+        prompts = {i: JUDGE_RUBRIC.format(prompt=pairs[i][0], response=pairs[i][1]) for i in todo}
+        with open(cache_path, "a", encoding="utf-8") if cache_path else open(os.devnull, "w") as cf, \
+                tqdm(total=len(todo), desc="judge", unit="pair", disable=None) as bar:
+            def on_reply(i, out):
+                cache[keys[i]] = out
+                cf.write(json.dumps({"key": keys[i], "output": out}, ensure_ascii=False) + "\n")
+                cf.flush()
+                bar.update(1)
+            chat_replies(client, name, prompts, todo, cfg["judge_max_new_tokens"], concurrency, on_reply)
+    elif todo:
         import torch
         from tqdm import tqdm
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -1263,6 +1279,11 @@ def parse_args(argv):
     p.add_argument("--judge-cache", help="JSONL cache of judge outputs (default: judge_cache.jsonl beside --out)")
     p.add_argument("--judge-batch-size", type=int, default=8, help="judge generation batch size (default 8)")
     p.add_argument("--judge-max-new-tokens", type=int, default=4, help="tokens the judge may generate (default 4)")
+    p.add_argument("--judge-api-base", metavar="URL", help="grade through an OpenAI-compatible server instead of "
+                   "--judge-model (vLLM, LMDeploy, SGLang, transformers serve, OpenAI), e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--judge-api-model", metavar="NAME", help="the judge's name on that server (needed with --judge-api-base)")
+    p.add_argument("--judge-api-key-env", metavar="VAR", help="environment variable holding the server's API key")
+    p.add_argument("--judge-concurrency", type=int, default=16, help="judge requests in flight (default 16)")
     p.add_argument("--eot-token", help="end-of-turn token, if it can't be found from the chat template")
     return p.parse_args(argv)
 
@@ -1381,13 +1402,17 @@ def run_judge(args, cfg, sources, recs, kept_by_source):
     {record index: score or None} and the report's summary (None without --judge-model)."""
     cands = sorted(i for si, s in enumerate(sources) if 2 in s["stages"] and not s["high_quality"]
                    for i in kept_by_source[si])
-    if not (args.judge_model and cands):
+    if not ((args.judge_model or args.judge_api_base) and cands):
         return {}, None
     pairs = [("\n".join(m["content"] for m in recs["messages"][i] if m["role"] != "assistant"),
               "\n".join(m["content"] for m in recs["messages"][i] if m["role"] == "assistant")) for i in cands]
     cache = args.judge_cache or os.path.join(os.path.dirname(os.path.abspath(args.out)), "judge_cache.jsonl")
-    scores, _, generated = judge_records(pairs, args.judge_model, cache, cfg)
-    return dict(zip(cands, scores)), {"model": args.judge_model, "candidates": len(cands), "generated": generated,
+    judge, api = args.judge_model, None
+    if args.judge_api_base:
+        judge = f"{args.judge_api_base.rstrip('/')}|{args.judge_api_model}"
+        api = (args.judge_api_client, args.judge_api_model, args.judge_concurrency)
+    scores, _, generated = judge_records(pairs, judge, cache, cfg, api)
+    return dict(zip(cands, scores)), {"model": judge, "candidates": len(cands), "generated": generated,
                                       "cached": len(cands) - generated, "threshold": args.judge_threshold,
                                       "score_counts": dict(sorted(Counter(str(s) for s in scores).items()))}
 
@@ -1525,6 +1550,12 @@ def main(argv=None):
     recipe = load_recipe(args.recipe)
     cfg = settings(args, recipe)
     sources = recipe["sources"]
+    args.judge_api_client = None
+    if args.judge_api_base:  # an unreachable judge server stops the run now, not after an hour of filtering
+        if args.judge_model or not args.judge_api_model:
+            fail("--judge-api-base needs --judge-api-model NAME, and replaces --judge-model")
+        args.judge_api_client, served = api_client(args.judge_api_base, args.judge_api_key_env)
+        check_served(served, args.judge_api_model, args.judge_api_base)
     audit = []  # one entry per dropped record: (order key, dropped.jsonl line)
 
     # --- 1. read and normalise -----------------------------------------------------------------
