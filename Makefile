@@ -22,7 +22,9 @@ venv: $(VENV_STAMP)
 #     demo_data/tiny_llama.json, torchrun with 2 processes, DeepSpeed ZeRO-3 over gloo;
 #  3. evaluate.py run: LawBench predictions of the stage-2 model on the first DEMO_LIMIT items of
 #     all 20 tasks, scored exactly as LawBench does;
-#  4. evaluate.py score on the bundled sample of two published models' predictions.
+#  4. evaluate.py score on the bundled sample of two published models' predictions;
+#  5. evaluate.py judge: the tiny model's consultation (3-8) answers against GPT-4's published ones,
+#     judged pairwise by the tiny model itself (the win rate means nothing; the machinery runs).
 # Tables on stdout; files in $(DEMO)/ (see README).
 DEMO ?= results/demo
 DEMO_EPOCHS ?= 2
@@ -42,6 +44,9 @@ demo: $(VENV_STAMP)
 		--out $(DEMO)/predictions/tiny-demo --results $(DEMO)/lawbench
 	$(PY) evaluate.py score --predictions lawbench_assets/sample_predictions --setting zero_shot \
 		--out $(DEMO)/published-sample
+	rm -rf $(DEMO)/judge
+	$(PY) evaluate.py judge --predictions $(DEMO)/predictions --reference lawbench_assets/sample_predictions/zero_shot/GPT4 \
+		--limit $(DEMO_LIMIT) --judge-model $(DEMO)/train/stage2/final --max-new-tokens 32 --out $(DEMO)/judge
 
 test: $(VENV_STAMP)
 	$(PY) -m pytest -q tests

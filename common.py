@@ -39,6 +39,21 @@ def atomic_write(path, write):
         raise
 
 
+def read_jsonl_map(path, key, value):
+    """{row[key]: row[value]} from an append-only JSONL file (a progress file or a cache). A line
+    torn by a killed run, or one without the fields, is skipped: that item is simply done again."""
+    out = {}
+    if path and os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                    out[row[key]] = row[value]
+                except (ValueError, KeyError, TypeError):
+                    continue
+    return out
+
+
 def write_json(path, obj):
     atomic_write(path, lambda f: f.write(json.dumps(obj, ensure_ascii=False, indent=1).encode("utf-8")))
 

@@ -30,6 +30,13 @@ system prompt, as InternLM-Law is evaluated), then score them, or both in one go
     python evaluate.py run --api-base http://127.0.0.1:23333/v1 --model internlm-law --concurrency 64 \
         --lawbench-data LawBench/data --setting zero_shot --out predictions/internlm-law --results results/internlm-law
 
+The paper's subjective evaluation, each model's consultation answers (task 3-8) against GPT-4's,
+judged pairwise in both orders by an LLM (local, or served: a 70B, or GPT-4 itself):
+
+    python evaluate.py judge --predictions predictions/ --reference GPT4 \
+        --judge-api-base https://api.openai.com/v1 --judge-api-model gpt-4 --judge-api-key-env OPENAI_API_KEY \
+        --out results/judge
+
 Replies are at most 1024 new tokens by default: OpenCompass's max_out_len for LawBench, with which
 InternLM-Law was scored.
 
@@ -53,7 +60,7 @@ from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 
 from cherrant import cherrant_edits, cherrant_resources, compare_edits, f_beta
-from common import api_client, atomic_write, chat_replies, check_served, write_json
+from common import api_client, atomic_write, chat_replies, check_served, read_jsonl_map, write_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # ChERRANT's lexical resources (from LawBench, Apache-2.0, see lawbench_assets/NOTICE.md).
@@ -849,14 +856,11 @@ def read_partial(path):
     """{item id: prediction} from a task's append-only progress file. A line torn by a kill is
     the last one; it is ignored and that item generated again."""
     done = {}
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    rec = json.loads(line)
-                    done[int(rec["id"])] = rec["prediction"]
-                except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-                    pass
+    for i, pred in read_jsonl_map(path, "id", "prediction").items():
+        try:
+            done[int(i)] = pred
+        except (TypeError, ValueError):
+            pass
     return done
 
 
@@ -911,43 +915,54 @@ def load_generator(path, trust_remote_code, device):
     return model, tok, sorted(i for i in stop if i is not None)
 
 
-def generate_task(model, tok, stop_ids, prompts, done, partial_path, batch_size, max_new_tokens, bar, only=None):
-    """Greedy replies for the prompts not in `done` (and in `only`: this rank's share), appended
-    to partial_path batch by batch. Longest prompts first: batches of similar lengths waste no
-    padding, and an out-of-memory error shows up in the first batch rather than after an hour.
-    Returns the number of prompts truncated to fit the context."""
+def generate_replies(model, tok, stop_ids, prompts, todo, batch_size, max_new_tokens, on_batch):
+    """Greedy replies to prompts[i] for i in todo, each as one user turn of the model's chat
+    template, in batches; on_batch([(i, reply), ...]) after each. Longest prompts first: batches
+    of similar lengths waste no padding, and an out-of-memory error shows up in the first batch
+    rather than after an hour. Returns the number of prompts truncated to fit the context."""
     import torch
     limit = getattr(model.config, "max_position_embeddings", None)
-    mine = [i for i in range(len(prompts)) if i not in done and (only is None or i in only)]
     texts = {i: tok.apply_chat_template([{"role": "user", "content": prompts[i]}], tokenize=False,
-                                        add_generation_prompt=True) if tok.chat_template else prompts[i] for i in mine}
+                                        add_generation_prompt=True) if tok.chat_template else prompts[i] for i in todo}
     ids = {i: tok(t, add_special_tokens=not tok.chat_template)["input_ids"] for i, t in texts.items()}
     truncated = 0
-    todo = sorted(mine, key=lambda i: -len(ids[i]))
+    todo = sorted(todo, key=lambda i: -len(ids[i]))
+    for k in range(0, len(todo), batch_size):
+        batch = todo[k:k + batch_size]
+        rows = []
+        for i in batch:
+            x = ids[i]
+            if limit and len(x) + max_new_tokens > limit:  # keep the end: the question and the reply cue
+                x, truncated = x[len(x) + max_new_tokens - limit:], truncated + 1
+            rows.append(x)
+        width = max(map(len, rows))
+        input_ids = torch.tensor([[tok.pad_token_id] * (width - len(r)) + r for r in rows], device=model.device)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=model.device)
+        with torch.no_grad():
+            gen = model.generate(input_ids=input_ids, attention_mask=mask, do_sample=False, num_beams=1,
+                                 max_new_tokens=max_new_tokens, eos_token_id=stop_ids, pad_token_id=tok.pad_token_id,
+                                 temperature=None, top_p=None, top_k=None)
+        replies = []
+        for i, row in zip(batch, gen[:, width:].tolist()):
+            row = row[:next((j for j, t in enumerate(row) if t in stop_ids), len(row))]
+            replies.append((i, tok.decode(row, skip_special_tokens=True)))
+        on_batch(replies)
+    return truncated
+
+
+def generate_task(model, tok, stop_ids, prompts, done, partial_path, batch_size, max_new_tokens, bar, only=None):
+    """Greedy replies for the prompts not in `done` (and in `only`: this rank's share), appended
+    to partial_path batch by batch. Returns the number of prompts truncated to fit the context."""
+    mine = [i for i in range(len(prompts)) if i not in done and (only is None or i in only)]
     with open_partial(partial_path) as out:
-        for k in range(0, len(todo), batch_size):
-            batch = todo[k:k + batch_size]
-            rows = []
-            for i in batch:
-                x = ids[i]
-                if limit and len(x) + max_new_tokens > limit:  # keep the end: the question and the reply cue
-                    x, truncated = x[len(x) + max_new_tokens - limit:], truncated + 1
-                rows.append(x)
-            width = max(map(len, rows))
-            input_ids = torch.tensor([[tok.pad_token_id] * (width - len(r)) + r for r in rows], device=model.device)
-            mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=model.device)
-            with torch.no_grad():
-                gen = model.generate(input_ids=input_ids, attention_mask=mask, do_sample=False, num_beams=1,
-                                     max_new_tokens=max_new_tokens, eos_token_id=stop_ids, pad_token_id=tok.pad_token_id,
-                                     temperature=None, top_p=None, top_k=None)
-            for i, row in zip(batch, gen[:, width:].tolist()):
-                row = row[:next((j for j, t in enumerate(row) if t in stop_ids), len(row))]
-                done[i] = tok.decode(row, skip_special_tokens=True)
-                out.write(json.dumps({"id": i, "prediction": done[i]}, ensure_ascii=False) + "\n")
+        def on_batch(replies):
+            for i, text in replies:
+                done[i] = text
+                out.write(json.dumps({"id": i, "prediction": text}, ensure_ascii=False) + "\n")
             out.flush()
             os.fsync(out.fileno())
-            bar.update(len(batch))
-    return truncated
+            bar.update(len(replies))
+        return generate_replies(model, tok, stop_ids, prompts, mine, batch_size, max_new_tokens, on_batch)
 
 
 def generate_task_api(client, model_name, prompts, done, partial_path, todo, concurrency, max_new_tokens, bar):
@@ -1108,6 +1123,279 @@ def cmd_run(args):
     return cmd_score(args)
 
 
+# ----------------------------------------------------------------------------------------------
+# Pairwise LLM judge: the paper's subjective evaluation (win rate against GPT-4, judged by an LLM)
+
+# A fixed rubric. Change PAIRWISE_RUBRIC_VERSION whenever the text changes: it is part of the
+# cache key, so verdicts of two rubrics are never mixed.
+PAIRWISE_RUBRIC_VERSION = "pairwise-v1"
+PAIRWISE_RUBRIC = (
+    "你是一名资深的中国法律专家，请评判两个AI助手对同一个法律问题的回答哪一个更好。\n"
+    "评判标准：\n"
+    "1. 法律正确性：结论与分析是否符合中国现行法律；\n"
+    "2. 法条引用：引用的法律条文是否正确、现行有效，是否与问题相关；\n"
+    "3. 完整性：是否回答了问题的全部要点；\n"
+    "4. 清晰性：表述是否清楚、有条理，便于当事人理解；\n"
+    "5. 不捏造：是否没有编造事实、案例或法条。\n"
+    "回答出现的先后顺序和篇幅长短都不应影响你的判断。\n"
+    "请先用一两句话说明理由，然后在最后一行只输出评判结果：[[A]] 表示回答A更好，[[B]] 表示回答B更好，"
+    "[[C]] 表示两者相当。\n\n"
+    "【问题】\n{question}\n\n【回答A】\n{answer_a}\n\n【回答B】\n{answer_b}\n"
+)
+VERDICT_TAG = re.compile(r"\[\[\s*(A|B|C|TIE|平局|相当)\s*\]\]", re.I)
+PREFERS = {side: re.compile(r"(?:回答|答案|助手|assistant|answer|response)?\s*" + side +
+                            r"\s*(?:的回答)?\s*(?:更好|更优|更佳|较好|较优|胜出|获胜|is\s+better|wins|is\s+superior)", re.I)
+           for side in "AB"}
+TIE_WORDS = re.compile(r"两者相当|二者相当|不相上下|难分伯仲|平局|同样好|一样好|\btie\b|equally\s+good|equally\s+well", re.I)
+
+
+def parse_verdict(output):
+    """'A', 'B', 'tie' or None from a judge's reply. The last [[A]]/[[B]]/[[C]] tag decides;
+    without one, a single unambiguous phrase ("回答A更好", "Assistant B is better", "两者相当") or
+    a bare letter. Replies that name both sides as better, refuse, or say nothing are None."""
+    import unicodedata
+    text = unicodedata.normalize("NFKC", output or "").strip()
+    if not text:
+        return None
+    tags = VERDICT_TAG.findall(text)
+    if tags:
+        last = tags[-1].upper()
+        return last if last in "AB" else "tie"
+    said = {side for side, rx in PREFERS.items() if rx.search(text)} | ({"tie"} if TIE_WORDS.search(text) else set())
+    if len(said) == 1:
+        return said.pop()
+    bare = re.fullmatch(r"[\[(【「]*\s*([ABC])\s*[\])】」]*\s*[.。]?", text, re.I)
+    if bare and not said:
+        letter = bare.group(1).upper()
+        return letter if letter in "AB" else "tie"
+    return None
+
+
+def combine_orders(model_first, reference_first):
+    """The outcome for the model of one question judged in both orders (position bias): the
+    verdict with the model as A, and with the model as B. Both must agree for a win or a loss;
+    orders that disagree are a tie; an unparseable verdict in either makes it unparseable."""
+    if model_first is None or reference_first is None:
+        return "unparseable"
+    a = {"A": "win", "B": "loss", "tie": "tie"}[model_first]
+    b = {"B": "win", "A": "loss", "tie": "tie"}[reference_first]
+    return a if a == b else "tie"
+
+
+def orders_agree(model_first, reference_first):
+    return (model_first is not None and reference_first is not None and
+            {"A": "win", "B": "loss", "tie": "tie"}[model_first] == {"B": "win", "A": "loss", "tie": "tie"}[reference_first])
+
+
+def bootstrap_interval(wins, n_boot=2000, seed=0, level=0.95):
+    """Percentile bootstrap interval of the win rate: questions resampled with replacement."""
+    import numpy as np
+    w = np.asarray(wins, dtype=float)
+    if not len(w):
+        return [None, None]
+    rng = np.random.default_rng(seed)
+    rates = w[rng.integers(0, len(w), size=(n_boot, len(w)))].mean(axis=1)
+    lo, hi = np.quantile(rates, [(1 - level) / 2, (1 + level) / 2])
+    return [float(lo), float(hi)]
+
+
+def judge_questions(args):
+    """(questions [{id, task, question}], answers {model: {question id: answer}}, reference name)
+    from a prediction folder (every model against --reference on the same items), or from
+    --questions FILE (JSONL: id, question, answers keyed by model name)."""
+    answers = {}
+    if args.questions:
+        questions = []
+        with open(args.questions, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                    qid, q, ans = str(row["id"]), row["question"], row["answers"]
+                    assert isinstance(q, str) and isinstance(ans, dict)
+                except (ValueError, KeyError, TypeError, AssertionError):
+                    raise SystemExit(f"error: {args.questions}:{n}: expected {{id, question, answers: {{model: text}}}}")
+                questions.append({"id": qid, "task": "questions", "question": q})
+                for m, a in ans.items():
+                    answers.setdefault(m, {})[qid] = a if isinstance(a, str) else ""
+        ref = args.reference
+        if ref not in answers:
+            raise SystemExit(f"error: --reference {ref}: no answers by that name in {args.questions} "
+                             f"(names: {', '.join(sorted(answers))})")
+        questions = questions[:args.limit] if args.limit else questions
+        return questions, answers, ref
+    models = find_models(args.predictions, args.setting)
+    if os.path.isdir(args.reference):
+        ref, ref_dir = os.path.basename(os.path.normpath(args.reference)), args.reference
+    elif args.reference in models:
+        ref, ref_dir = args.reference, models[args.reference]
+    else:
+        raise SystemExit(f"error: --reference {args.reference}: neither a folder nor a model in {args.predictions} "
+                         f"(models: {', '.join(models) or 'none'})")
+    models = {m: d for m, d in models.items() if m != ref}
+    if not models:
+        raise SystemExit(f"error: no model to compare with {ref} in {args.predictions}")
+    questions = []
+    for task in parse_tasks(args.tasks) or ["3-8"]:
+        def read(folder, who):
+            path = os.path.join(folder, f"{task}.json")
+            try:
+                items, _, _ = load_prediction_file(path)
+            except (OSError, ValueError) as exc:
+                raise SystemExit(f"error: {who}: cannot read {path} ({exc})")
+            return {str(it["id"]): it for it in items}
+        ref_items = read(ref_dir, ref)
+        ids = sorted(ref_items, key=int)[:args.limit] if args.limit else sorted(ref_items, key=int)
+        plain = {k: ref_items[k]["prompt"].strip() for k in ids}
+        for m, folder in models.items():
+            items = read(folder, m)
+            for k in ids:
+                if k not in items:
+                    raise SystemExit(f"error: {m}/{task}.json has no item {k}, which {ref} answers")
+                # published predictions record the prompt inside their chat template: one contains the other
+                mine, theirs = items[k]["prompt"].strip(), ref_items[k]["prompt"].strip()
+                if mine and theirs and mine not in theirs and theirs not in mine:
+                    raise SystemExit(f"error: {m}/{task}.json item {k} asks another question than {ref}'s: "
+                                     "the two were generated from different LawBench data")
+                if mine and (not plain.get(k) or len(mine) < len(plain[k])):
+                    plain[k] = mine
+                answers.setdefault(m, {})[f"{task}/{k}"] = items[k]["prediction"]
+        for k in ids:  # the question as asked, without any model's chat template around it
+            questions.append({"id": f"{task}/{k}", "task": task, "question": plain.get(k) or ref_items[k]["prompt"]})
+            answers.setdefault(ref, {})[f"{task}/{k}"] = ref_items[k]["prediction"]
+    return questions, answers, ref
+
+
+def judge_key(judge, question, answer_a, answer_b):
+    import hashlib
+    return hashlib.sha256(f"{PAIRWISE_RUBRIC_VERSION}\0{judge}\0{question}\0{answer_a}\0{answer_b}".encode()).hexdigest()
+
+
+def plot_winrates(result, f):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = list(result["models"])
+    fig, ax = plt.subplots(figsize=(max(5, 1.4 * len(names) + 2), 4.5))
+    bottom = [0.0] * len(names)
+    for outcome, colour in (("win", "tab:green"), ("tie", "tab:gray"), ("loss", "tab:red"), ("unparseable", "white")):
+        share = [result["models"][m][outcome] / max(1, result["models"][m]["n"]) for m in names]
+        ax.bar(names, share, bottom=bottom, color=colour, edgecolor="black", linewidth=0.5, label=outcome)
+        bottom = [b + s for b, s in zip(bottom, share)]
+    rates = [result["models"][m]["win_rate"] for m in names]
+    lo = [r - result["models"][m]["win_rate_ci95"][0] for r, m in zip(rates, names)]
+    hi = [result["models"][m]["win_rate_ci95"][1] - r for r, m in zip(rates, names)]
+    ax.errorbar(names, rates, yerr=[lo, hi], fmt="o", color="black", capsize=4, label="win rate, 95% CI")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel(f"share of questions (against {result['reference']})")
+    ax.set_title(f"pairwise judge: {os.path.basename(result['judge'].rstrip('/'))}, rubric {result['rubric_version']}")
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(f, format="png", dpi=120)
+    plt.close(fig)
+
+
+def cmd_judge(args):
+    from tqdm import tqdm
+    questions, answers, ref = judge_questions(args)
+    models = [m for m in answers if m != ref]
+    api = bool(args.judge_api_base)
+    if api == bool(args.judge_model):
+        raise SystemExit("error: give the judge as --judge-model PATH or --judge-api-base URL --judge-api-model NAME")
+    if api and not args.judge_api_model:
+        raise SystemExit("error: --judge-api-base needs --judge-api-model NAME")
+    # the judge's identity in the cache key: URL and name, or the local folder and its weights' fingerprint
+    judge = (f"{args.judge_api_base.rstrip('/')}|{args.judge_api_model}" if api else
+             f"{os.path.abspath(args.judge_model)}@{model_fingerprint(args.judge_model)}")
+    # every (model, question, order): the prompt and its cache key
+    jobs = []
+    for m in models:
+        for q in questions:
+            mine, theirs = answers[m][q["id"]], answers[ref][q["id"]]
+            for order, (a, b) in (("model_first", (mine, theirs)), ("reference_first", (theirs, mine))):
+                jobs.append({"model": m, "id": q["id"], "task": q["task"], "order": order,
+                             "key": judge_key(judge, q["question"], a, b),
+                             "prompt": PAIRWISE_RUBRIC.format(question=q["question"], answer_a=a, answer_b=b)})
+    os.makedirs(args.out, exist_ok=True)
+    cache_path = args.cache or os.path.join(args.out, "judge_cache.jsonl")
+    cache = read_jsonl_map(cache_path, "key", "output")  # torn lines are judged again
+    todo_jobs = list({j["key"]: j for j in jobs if j["key"] not in cache}.values())
+    prompts = {k: j["prompt"] for k, j in enumerate(todo_jobs)}
+    started = time.time()
+    if todo_jobs:
+        with open_partial(cache_path) as cf, tqdm(total=len(todo_jobs), desc="judge", unit="verdict",
+                                                  disable=args.quiet) as bar:
+            def keep(replies):
+                for k, text in replies:
+                    cache[todo_jobs[k]["key"]] = text
+                    cf.write(json.dumps({"key": todo_jobs[k]["key"], "output": text}, ensure_ascii=False) + "\n")
+                cf.flush()
+                os.fsync(cf.fileno())
+                bar.update(len(replies))
+            if api:
+                client, served = api_client(args.judge_api_base, args.judge_api_key_env, args.timeout, args.retries)
+                check_served(served, args.judge_api_model, args.judge_api_base)
+                chat_replies(client, args.judge_api_model, prompts, list(prompts), args.max_new_tokens,
+                             args.concurrency, lambda k, text: keep([(k, text)]))
+            else:
+                import torch
+                device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+                model, tok, stop_ids = load_generator(args.judge_model, args.trust_remote_code, device)
+                generate_replies(model, tok, stop_ids, prompts, list(prompts), args.batch_size, args.max_new_tokens, keep)
+    # verdicts, then one outcome per (model, question)
+    rows, verdict = [], {}
+    for j in jobs:
+        out = cache[j["key"]]
+        v = parse_verdict(out)
+        verdict[(j["model"], j["id"], j["order"])] = v
+        rows.append({"model": j["model"], "reference": ref, "task": j["task"], "id": j["id"], "order": j["order"],
+                     "answer_a": j["model"] if j["order"] == "model_first" else ref, "output": out, "verdict": v})
+    result = {"judge": judge, "rubric_version": PAIRWISE_RUBRIC_VERSION, "reference": ref,
+              "questions": len(questions), "tasks": sorted({q["task"] for q in questions}, key=task_sort_key
+                                                          if args.questions is None else str),
+              "tie_convention": "win_rate = wins / n, the paper's share of wins against the reference: ties, and "
+                                "questions with an unparseable verdict, count as not won. A question is won only "
+                                "when both orders prefer the model; orders that disagree make a tie. "
+                                "win_rate_ties_half = (wins + ties / 2) / (n - unparseable).",
+              "models": {}}
+    for m in models:
+        outcome = {q["id"]: combine_orders(verdict[(m, q["id"], "model_first")], verdict[(m, q["id"], "reference_first")])
+                   for q in questions}
+        c = Counter(outcome.values())
+        n = len(questions)
+        parsed = n - c["unparseable"]
+        result["models"][m] = {
+            "n": n, "win": c["win"], "tie": c["tie"], "loss": c["loss"], "unparseable": c["unparseable"],
+            "win_rate": c["win"] / n if n else None,
+            "win_rate_ci95": bootstrap_interval([outcome[q["id"]] == "win" for q in questions], args.bootstrap, args.seed),
+            "win_rate_ties_half": (c["win"] + c["tie"] / 2) / parsed if parsed else None,
+            # questions whose two verdicts agree once the swap is undone: how little position bias there is
+            "position_consistency": sum(orders_agree(verdict[(m, q["id"], "model_first")],
+                                                     verdict[(m, q["id"], "reference_first")]) for q in questions) / n
+            if n else None,
+            "unparseable_items": [q["id"] for q in questions if outcome[q["id"]] == "unparseable"],
+        }
+    atomic_write(os.path.join(args.out, "judgments.jsonl"),
+                 lambda f: f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")))
+    write_json(os.path.join(args.out, "winrate.json"), result)
+    atomic_write(os.path.join(args.out, "winrate.png"), lambda f: plot_winrates(result, f))
+    print(f"\nPairwise judge {judge} (rubric {PAIRWISE_RUBRIC_VERSION}) against {ref}, {len(questions)} questions, "
+          "each judged in both orders\n")
+    print("| model | n | win | tie | loss | unparseable | win rate | 95% CI | ties as half |")
+    print("|---|---:|---:|---:|---:|---:|---:|---|---:|")
+    for m, r in result["models"].items():
+        lo, hi = r["win_rate_ci95"]
+        half = "-" if r["win_rate_ties_half"] is None else f"{100 * r['win_rate_ties_half']:.1f}%"
+        ci = "-" if lo is None else f"{100 * lo:.1f}-{100 * hi:.1f}%"
+        print(f"| {m} | {r['n']} | {r['win']} | {r['tie']} | {r['loss']} | {r['unparseable']} | "
+              f"{100 * r['win_rate']:.1f}% | {ci} | {half} |")
+    print(f"\n{len(todo_jobs)} verdicts generated, {len(jobs) - len(todo_jobs)} from the cache, in "
+          f"{time.time() - started:.0f} s; wrote {os.path.join(args.out, 'winrate.json')}, judgments.jsonl, winrate.png",
+          file=sys.stderr)
+    return 0
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="LawBench evaluation, scored exactly as LawBench's official scorer.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -1164,7 +1452,39 @@ def main(argv=None):
             q.add_argument("--num-proc", type=int, default=None, help="scoring worker processes (default: all cores)")
             q.add_argument("--show-problems", type=int, default=20, metavar="N", help="input problems to print")
         q.set_defaults(func=func)
+    j = sub.add_parser("judge", help="pairwise LLM-judge win rate of each model against a reference model",
+                       description="The paper's subjective evaluation: each model's answers against a reference's "
+                       "(default: LawBench's published GPT-4 answers to the consultation task 3-8), judged by an LLM "
+                       "in both orders with a fixed rubric; win rate with a bootstrap 95% interval.")
+    j.add_argument("--predictions", metavar="DIR", help="LawBench prediction layout, DIR/<model>/<task>.json: every model "
+                   "in it is compared with --reference on the same items")
+    j.add_argument("--reference", required=True, help="the model to compare against: a model folder name in DIR "
+                   "(e.g. GPT4), a folder of <task>.json, or an answer name in --questions")
+    j.add_argument("--tasks", default=None, help="LawBench tasks whose items are the questions (default 3-8, consultation)")
+    j.add_argument("--setting", choices=["zero_shot", "one_shot"], default=None, help="picks DIR/<setting>/ if present")
+    j.add_argument("--questions", metavar="FILE", help="instead of DIR: JSONL of {id, question, answers: {model: text}}")
+    j.add_argument("--limit", type=int, default=None, help="only the first N questions (per task)")
+    j.add_argument("--judge-model", metavar="PATH", help="a local causal LM as the judge (transformers, greedy)")
+    j.add_argument("--judge-api-base", metavar="URL", help="an OpenAI-compatible server as the judge (a served 70B, or "
+                   "https://api.openai.com/v1 for GPT-4 with --judge-api-key-env OPENAI_API_KEY)")
+    j.add_argument("--judge-api-model", metavar="NAME", help="the judge's name on that server (e.g. gpt-4)")
+    j.add_argument("--judge-api-key-env", metavar="VAR", help="environment variable holding the judge server's API key")
+    j.add_argument("--out", required=True, metavar="DIR", help="judgments.jsonl, winrate.json, winrate.png (and the cache)")
+    j.add_argument("--cache", metavar="FILE", help="judge output cache, keyed by judge, rubric version and both answers "
+                   "(default OUT/judge_cache.jsonl); a killed run resumes from it")
+    j.add_argument("--max-new-tokens", type=int, default=512, help="judge reply length (reason + verdict; default %(default)s)")
+    j.add_argument("--batch-size", type=int, default=4, help="local judge batch size (default %(default)s)")
+    j.add_argument("--concurrency", type=int, default=16, help="requests in flight with --judge-api-base (default %(default)s)")
+    j.add_argument("--timeout", type=float, default=600.0, help="seconds per request with --judge-api-base (default %(default)s)")
+    j.add_argument("--retries", type=int, default=5, help="retries on connection errors, 429 and 5xx (default %(default)s)")
+    j.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the 95%% interval (default %(default)s)")
+    j.add_argument("--seed", type=int, default=0, help="bootstrap seed (default %(default)s)")
+    j.add_argument("--trust-remote-code", action="store_true", help="allow the local judge's own modelling code")
+    j.add_argument("--quiet", action="store_true", help="no progress bar")
+    j.set_defaults(func=cmd_judge)
     args = parser.parse_args(argv)
+    if args.func is cmd_judge and not (args.predictions or args.questions):
+        parser.error("judge needs --predictions DIR or --questions FILE")
     return args.func(args)
 
 

@@ -59,7 +59,7 @@ from collections import Counter, defaultdict
 
 import numpy as np
 
-from common import api_client, chat_replies, check_served, fail, log, replace_dir
+from common import api_client, chat_replies, check_served, fail, log, read_jsonl_map, replace_dir
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1051,15 +1051,7 @@ def judge_records(pairs, model_path, cache_path, cfg, api=None):
     where present (a run can be killed and restarted), otherwise generated greedily: in batches
     by a local model, or through an OpenAI-compatible server when api = (client, model name,
     concurrency) is given (model_path is then "URL|name"). The rubric is the same user turn."""
-    cache = {}
-    if cache_path and os.path.exists(cache_path):
-        with open(cache_path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    row = json.loads(line)
-                    cache[row["key"]] = row["output"]
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    continue  # a line cut short by a killed run
+    cache = read_jsonl_map(cache_path, "key", "output")  # a line cut short by a killed run is graded again
     keys = [judge_key(model_path, p, r) for p, r in pairs]
     todo = sorted({k: i for i, k in enumerate(keys) if k not in cache}.values())
     if todo and api:

@@ -72,7 +72,7 @@ def main():
 
     gpu = torch.cuda.is_available()
     device = torch.device("cuda" if gpu else "cpu")
-    attn = train.pick_attention("auto", device)
+    attn = train.pick_attention("auto", device, a.max_len, print)
     cfg = LlamaConfig(max_position_embeddings=max(32768, a.max_len), rope_theta=1e6, tie_word_embeddings=False,
                       **SHAPES[a.shape])
     cfg._attn_implementation = attn

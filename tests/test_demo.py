@@ -1,5 +1,5 @@
 """The README's main command, `make demo`, end to end on CPU: data -> stage 1 -> stage 2 ->
-LawBench predictions -> scores, every artefact checked (fewer epochs and items than the default)."""
+LawBench predictions -> scores -> pairwise judge, every artefact checked (fewer epochs and items than the default)."""
 import json
 import os
 import subprocess
@@ -45,3 +45,10 @@ def test_make_demo_runs_every_stage_and_writes_every_artefact(tmp_path):
     sample = json.load(open(demo / "published-sample" / "scores.json"))
     assert set(sample["models"]) == {"GPT4", "qwen-7b-chat-hf"}
     assert "| **AVG** |" in out.stdout
+    # 5. the pairwise judge: the tiny model's 3-8 answers against GPT-4's, every question accounted for
+    win = json.load(open(demo / "judge" / "winrate.json", encoding="utf-8"))
+    r = win["models"]["tiny-demo"]
+    assert win["reference"] == "GPT4" and r["n"] == 2 == r["win"] + r["tie"] + r["loss"] + r["unparseable"]
+    assert (demo / "judge" / "winrate.png").exists()
+    assert sum(1 for _ in open(demo / "judge" / "judgments.jsonl", encoding="utf-8")) == 4
+    assert "| tiny-demo | 2 |" in out.stdout

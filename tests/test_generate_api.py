@@ -4,6 +4,7 @@ The server is a real third-party one: transformers' own `transformers serve`, st
 on 127.0.0.1 with a tiny model trained on the demo data (so that it ends its replies with the
 chat template's end of turn). The reference is the in-process backend: the same greedy
 replies, the same files. Nothing leaves the machine."""
+import contextlib
 import http.server
 import json
 import os
@@ -11,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -43,28 +45,39 @@ def trained(tmp_path_factory, demo_prepared):
     return str(base / "out" / "stage1" / "final")
 
 
-@pytest.fixture(scope="module")
-def server(trained):
-    """`transformers serve MODEL` on a free local port; yields its /v1 URL."""
+@contextlib.contextmanager
+def serving(model):
+    """`transformers serve MODEL` on a free local port for the duration; yields its /v1 URL."""
     port = free_port()
     exe = os.path.join(os.path.dirname(sys.executable), "transformers")
-    log = open(os.path.join(os.path.dirname(trained), "serve.log"), "w")
-    proc = subprocess.Popen([exe, "serve", trained, "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"],
+    log = tempfile.TemporaryFile(mode="w+")
+    proc = subprocess.Popen([exe, "serve", model, "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"],
                             stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
                             start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            urllib.request.urlopen(url + "/health", timeout=1)
-            break
-        except OSError:
-            assert proc.poll() is None, open(log.name).read()[-3000:]
-            time.sleep(0.2)
-    else:
-        pytest.fail("transformers serve did not start in 120 s")
-    yield url + "/v1"
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=30)
+    try:
+        for _ in range(600):
+            try:
+                urllib.request.urlopen(url + "/health", timeout=1)
+                break
+            except OSError:
+                if proc.poll() is not None:
+                    log.seek(0)
+                    pytest.fail("transformers serve exited: " + log.read()[-3000:])
+                time.sleep(0.2)
+        else:
+            pytest.fail("transformers serve did not start in 120 s")
+        yield url + "/v1"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def server(trained):
+    with serving(trained) as url:
+        yield url
 
 
 def generate(model, out, *extra):
@@ -141,36 +154,24 @@ def test_the_stage2_judge_grades_the_same_through_a_server(tmp_path, bpe_tokeniz
     sources = [src("hq", write_jsonl(tmp_path / "a.jsonl", rand_records(3, 1))),
                src("web", write_jsonl(tmp_path / "b.jsonl", rand_records(5, 2)), high_quality=False)]
     judge = constant_model(bpe_tokenizer, "4", str(tmp_path / "judge4"))
-    port = free_port()
-    proc = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "transformers"), "serve", judge, "--host",
-                             "127.0.0.1", "--port", str(port), "--device", "cpu"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"}, start_new_session=True)
-    try:
-        for _ in range(600):
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.2)
-        args = ["--judge-max-new-tokens", 1, "--judge-threshold", 4, "--judge-cache", tmp_path / "cache.jsonl"]
-        _, local = run_prepare(tmp_path, bpe_tokenizer, sources, args + ["--judge-model", judge])
-        api = args + ["--judge-api-base", f"http://127.0.0.1:{port}/v1", "--judge-api-model", judge]
+    args = ["--judge-max-new-tokens", 1, "--judge-threshold", 4, "--judge-cache", tmp_path / "cache.jsonl"]
+    _, local = run_prepare(tmp_path, bpe_tokenizer, sources, args + ["--judge-model", judge])
+    with serving(judge) as url:
+        api = args + ["--judge-api-base", url, "--judge-api-model", judge]
         _, served = run_prepare(tmp_path, bpe_tokenizer, sources, api)
         assert served["judge"]["generated"] == 5 and served["judge"]["score_counts"] == local["judge"]["score_counts"]
         assert served["stages"]["stage2"]["rows_per_source"] == local["stages"]["stage2"]["rows_per_source"]
         _, again = run_prepare(tmp_path, bpe_tokenizer, sources, api)  # cached per served judge
         assert again["judge"]["generated"] == 0 and again["judge"]["cached"] == 5
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
 
 
 # ---------------------------------------------------------------------------------------------
 # Servers that fail: a stand-in that answers 503 / 429 first, and one that is not there at all
 
-class Flaky(http.server.BaseHTTPRequestHandler):
-    failures = []  # status codes to answer with, in order, before succeeding
-    calls = []
+class StandIn(http.server.BaseHTTPRequestHandler):
+    """An OpenAI-compatible stand-in server: /v1/models lists `served`; a chat completion is
+    answered by answer(request) -> (HTTP status, reply text)."""
+    served = "judge-70b"
 
     def log_message(self, *a):
         pass
@@ -184,25 +185,44 @@ class Flaky(http.server.BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def do_GET(self):
-        self.reply(200, {"object": "list", "data": [{"id": "judge-70b", "object": "model", "owned_by": "x"}]})
+        self.reply(200, {"object": "list", "data": [{"id": self.served, "object": "model", "owned_by": "x"}]})
 
     def do_POST(self):
         req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        Flaky.calls.append(req)
-        if Flaky.failures:
-            return self.reply(Flaky.failures.pop(0), {"error": {"message": "busy"}})
+        code, text = self.answer(req)
+        if code != 200:
+            return self.reply(code, {"error": {"message": text}})
         self.reply(200, {"id": "x", "object": "chat.completion", "created": 0, "model": req["model"],
                          "choices": [{"index": 0, "finish_reason": "stop",
-                                      "message": {"role": "assistant", "content": "答：" + req["messages"][0]["content"][:4]}}]})
+                                      "message": {"role": "assistant", "content": text}}]})
+
+
+@contextlib.contextmanager
+def stand_in(handler):
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{srv.server_address[1]}/v1"
+    finally:
+        srv.shutdown()
+
+
+class Flaky(StandIn):
+    failures = []  # status codes to answer with, in order, before succeeding
+    calls = []
+
+    def answer(self, req):
+        Flaky.calls.append(req)
+        if Flaky.failures:
+            return Flaky.failures.pop(0), "busy"
+        return 200, "答：" + req["messages"][0]["content"][:4]
 
 
 @pytest.fixture()
 def flaky():
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Flaky)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
     Flaky.calls.clear()
-    yield f"http://127.0.0.1:{srv.server_address[1]}/v1"
-    srv.shutdown()
+    with stand_in(Flaky) as url:
+        yield url
 
 
 def test_requests_are_greedy_single_user_turns_retried_on_429_and_5xx(tmp_path, flaky):
