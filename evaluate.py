@@ -1279,9 +1279,10 @@ def plot_winrates(result, f):
     names = list(result["models"])
     fig, ax = plt.subplots(figsize=(max(5, 1.4 * len(names) + 2), 4.5))
     bottom = [0.0] * len(names)
-    for outcome, colour in (("win", "tab:green"), ("tie", "tab:gray"), ("loss", "tab:red"), ("unparseable", "white")):
+    for outcome, colour, hatch in (("win", "tab:green", None), ("tie", "silver", None), ("loss", "tab:red", None),
+                                   ("unparseable", "white", "//")):
         share = [result["models"][m][outcome] / max(1, result["models"][m]["n"]) for m in names]
-        ax.bar(names, share, bottom=bottom, color=colour, edgecolor="black", linewidth=0.5, label=outcome)
+        ax.bar(names, share, bottom=bottom, color=colour, hatch=hatch, edgecolor="black", linewidth=0.5, label=outcome)
         bottom = [b + s for b, s in zip(bottom, share)]
     rates = [result["models"][m]["win_rate"] for m in names]
     lo = [r - result["models"][m]["win_rate_ci95"][0] for r, m in zip(rates, names)]
@@ -1289,7 +1290,9 @@ def plot_winrates(result, f):
     ax.errorbar(names, rates, yerr=[lo, hi], fmt="o", color="black", capsize=4, label="win rate, 95% CI")
     ax.set_ylim(0, 1)
     ax.set_ylabel(f"share of questions (against {result['reference']})")
-    ax.set_title(f"pairwise judge: {os.path.basename(result['judge'].rstrip('/'))}, rubric {result['rubric_version']}")
+    judge = result["judge"].split("|")[-1].split("@")[0].rstrip("/")
+    ax.set_title(f"judge {os.path.basename(judge)} ({result['rubric_version']}), {result['questions']} questions, "
+                 "both orders", fontsize=10)
     ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
     fig.savefig(f, format="png", dpi=120)
