@@ -82,6 +82,9 @@ def main():
     p.add_argument("--gpu", action="store_true", help="measure on CUDA in bf16 (hidden 4096 by default)")
     p.add_argument("--hidden", type=int, help="hidden size (default 64 on CPU, 4096 on GPU)")
     p.add_argument("--chunk", type=int, default=2048, help="train.py --loss-chunk (default %(default)s)")
+    p.add_argument("--sizes", help="comma-separated token counts for both variants instead of the defaults "
+                   "(a quick run, e.g. 512,1024)")
+    p.add_argument("--json", metavar="FILE", help="also write every measurement to FILE")
     p.add_argument("--one", nargs=2, metavar=("VARIANT", "TOKENS"), help=argparse.SUPPRESS)
     a = p.parse_args()
     hidden = a.hidden or (4096 if a.gpu else 64)
@@ -91,8 +94,11 @@ def main():
     where = f"{torch.cuda.get_device_name()} bf16" if a.gpu else f"CPU fp32 ({os.cpu_count()} cores)"
     print(f"loss forward+backward, vocab {VOCAB}, hidden {hidden}, chunk {a.chunk}, {where}")
     full_sizes = [32768] if a.gpu else [2048, 4096, 8192]
+    chunked_sizes = [2048, 8192, 32768]
+    if a.sizes:
+        full_sizes = chunked_sizes = [int(x) for x in a.sizes.split(",")]
     rows = []
-    for variant, sizes in (("full", full_sizes), ("chunked", [2048, 8192, 32768])):
+    for variant, sizes in (("full", full_sizes), ("chunked", chunked_sizes)):
         for n in sizes:
             r = measure(variant, n, hidden, a.chunk, a.gpu)
             rows.append((variant, n, r))
@@ -101,6 +107,10 @@ def main():
             else:
                 print(f"  {variant:8s} {n:6d} tokens: peak {r['peak_bytes'] / 2**30:7.2f} GiB  "
                       f"{r['seconds']:7.2f} s  loss/token {r['loss']:.4f}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"device": where, "vocab": VOCAB, "hidden": hidden, "chunk": a.chunk,
+                       "measurements": [{"variant": v, "tokens": n, **r} for v, n, r in rows]}, f, indent=1)
     full = {n: r for v, n, r in rows if v == "full" and "error" not in r}
     chunked = {n: r for v, n, r in rows if v == "chunked" and "error" not in r}
     if 32768 not in full and len(full) >= 2:

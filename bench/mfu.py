@@ -19,6 +19,7 @@ XTuner's figure is converted to MFU with the same FLOP formula and these packs' 
 comparison is across hardware at equal accounting: A100 bf16 peak 312 TFLOP/s.
 """
 import argparse
+import json
 import os
 import sys
 import time
@@ -67,6 +68,7 @@ def main():
     p.add_argument("--no-optimizer", action="store_true", help="bf16 weights, forward + backward only")
     p.add_argument("--no-gradient-checkpointing", action="store_true")
     p.add_argument("--peak-tflops", type=float, help="override the accelerator's bf16 peak")
+    p.add_argument("--json", metavar="FILE", help="also write the figures to FILE (bench/gpu_check.py reads it)")
     a = p.parse_args()
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -110,7 +112,7 @@ def main():
     dt = time.time() - t0
     peak = train.peak_tflops(SimpleNamespace(peak_tflops=a.peak_tflops), device)
     where = torch.cuda.get_device_name() if gpu else f"CPU ({os.cpu_count()} cores)"
-    mem = torch.cuda.max_memory_allocated() / 2**30 if gpu else float("nan")
+    mem = torch.cuda.max_memory_allocated() / 2**30 if gpu else None
     tflops = flops / dt / 1e12
     precision = ("bf16 weights" if weights == torch.bfloat16 else
                  "fp32 master weights + bf16 autocast" if gpu else "fp32")
@@ -119,7 +121,17 @@ def main():
           f"gradient checkpointing {'off' if a.no_gradient_checkpointing or not gpu else 'on'}")
     print(f"{a.steps} packs of <= {a.max_len} tokens (fill {tokens / (a.steps * a.max_len):.1%}): "
           f"{tokens / dt:,.0f} tokens/s/device, {tflops:.1f} model TFLOP/s"
-          + (f", MFU {tflops / peak:.1%} of {peak:.0f}" if peak else "") + f", peak memory {mem:.1f} GiB")
+          + (f", MFU {tflops / peak:.1%} of {peak:.0f}" if peak else "")
+          + (f", peak memory {mem:.1f} GiB" if mem is not None else ""))
+    figures = {"shape": a.shape, "params_m": train.count_params(model) / 1e6, "device": where, "attention": attn,
+               "precision": precision, "optimizer": not a.no_optimizer, "max_len": a.max_len, "steps": a.steps,
+               "fill": tokens / (a.steps * a.max_len), "tokens_per_s_per_device": tokens / dt,
+               "model_tflops": tflops, "mfu": tflops / peak if peak else None, "peak_memory_gib": mem}
+    if a.shape == "internlm2-7b":
+        figures["xtuner_tokens_per_s_ratio"] = tokens / dt / XTUNER_TOKENS_PER_S
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(figures, f, indent=1)
     if a.shape == "internlm2-7b":
         xtuner_mfu = XTUNER_TOKENS_PER_S * (flops / tokens) / 1e12 / A100_BF16_PEAK
         print(f"XTuner, InternLM2-7B 32k on A100: {XTUNER_TOKENS_PER_S:,.0f} tokens/s/GPU = MFU {xtuner_mfu:.1%} "

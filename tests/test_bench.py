@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -12,3 +14,21 @@ def test_mfu_bench_runs_train_py_steps_and_reports_throughput():
                           "--steps", "2", "--warmup", "1"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "2 packs of <= 512 tokens" in out.stdout and "tokens/s/device" in out.stdout
+
+
+def test_gpu_check_runs_every_step_in_its_cpu_smoke_mode_and_refuses_without_a_gpu(tmp_path):
+    import json
+    out = tmp_path / "gpu-check.json"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "gpu_check.py"), "--smoke", "--out", str(out)],
+                       capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    report = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))
+    assert report["all_ok"] and set(report["steps"]) == {"isolation", "zero3_step", "mfu_7b", "loss_memory", "generation"}
+    assert report["steps"]["isolation"]["figures"]["isolated"]
+    assert report["steps"]["zero3_step"]["figures"]["tokens"] > 0
+    assert report["steps"]["generation"]["figures"]["new_tokens_per_s"] > 0
+    import torch
+    if not torch.cuda.is_available():
+        r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "gpu_check.py"), "--out", str(tmp_path / "x")],
+                           capture_output=True, text=True)
+        assert r.returncode != 0 and "needs an NVIDIA GPU" in r.stderr and not (tmp_path / "x").exists()
