@@ -658,12 +658,120 @@ def plot_loss(log_path, png):
 
 
 def latest_checkpoint(ckpt_root):
-    """Path of the newest complete checkpoint, or None."""
+    """Path of the checkpoint `latest` names, if that folder exists (no verification)."""
     pointer = os.path.join(ckpt_root, "latest")
     if not os.path.isfile(pointer):
         return None
     path = os.path.join(ckpt_root, open(pointer).read().strip())
     return path if os.path.isdir(path) else None
+
+
+MANIFEST = "manifest.json"
+
+
+def file_digests(root, names):
+    """{relative name: [size, sha256]} of files under root (1 MiB reads: a 7B checkpoint is ~100 GB)."""
+    import hashlib
+    out = {}
+    for name in names:
+        h = hashlib.sha256()
+        with open(os.path.join(root, name), "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        out[name] = [os.path.getsize(os.path.join(root, name)), h.hexdigest()]
+    return out
+
+
+def shared_digests(root, names, rank, world):
+    """file_digests with the files dealt out over the ranks (each hashes 1/world of them),
+    gathered on every rank."""
+    mine = file_digests(root, names[rank::world])
+    if not dist.is_initialized() or world == 1:
+        return mine
+    parts = [None] * world
+    dist.all_gather_object(parts, mine)
+    return {k: v for part in parts for k, v in part.items()}
+
+
+def checkpoint_files(path):
+    return sorted(os.path.relpath(os.path.join(d, f), path) for d, _, fs in os.walk(path) for f in fs if f != MANIFEST)
+
+
+def verify_checkpoint(path, rank=0, world=1):
+    """None if `path` is a complete checkpoint (every file of its manifest present with its size
+    and sha256, nothing missing), else the reason, naming the file. A collective under torchrun."""
+    manifest = os.path.join(path, MANIFEST)
+    if not os.path.isdir(path):
+        return f"{path} does not exist"
+    if not os.path.isfile(manifest):
+        return f"{manifest} is missing (a save that did not finish, or a checkpoint of an older train.py)"
+    try:
+        expected = json.load(open(manifest))["files"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"{manifest} is unreadable ({exc})"
+    names = sorted(expected)
+    missing = [n for n in names if not os.path.isfile(os.path.join(path, n))]
+    if missing:
+        return f"{os.path.join(path, missing[0])} is missing"
+    wrong_size = [n for n in names if os.path.getsize(os.path.join(path, n)) != expected[n][0]]
+    if wrong_size:
+        n = wrong_size[0]
+        return f"{os.path.join(path, n)} has {os.path.getsize(os.path.join(path, n))} bytes, the manifest says {expected[n][0]}"
+    got = shared_digests(path, names, rank, world)
+    bad = [n for n in names if got[n][1] != expected[n][1]]
+    return f"{os.path.join(path, bad[0])} does not match its sha256 in the manifest" if bad else None
+
+
+def checkpoint_to_resume(ckpt_root, rank, world, log):
+    """--resume auto: the newest checkpoint that verifies, `latest` first. Each one that fails is
+    reported in one line. None only when there is no checkpoint at all; when there are some and
+    none verifies, the run stops instead of silently starting afresh over them."""
+    if not os.path.isdir(ckpt_root):
+        return None
+    found = sorted((d for d in os.listdir(ckpt_root) if d.startswith("step-") and not d.endswith(".tmp")
+                    and os.path.isdir(os.path.join(ckpt_root, d))), reverse=True)
+    pointer = os.path.join(ckpt_root, "latest")
+    named = open(pointer).read().strip() if os.path.isfile(pointer) else None
+    if named and named not in found:
+        log(f"warning: {pointer} names {named}, which does not exist; looking for the newest complete checkpoint")
+    order = ([named] if named in found else []) + [d for d in found if d != named]
+    for d in order:
+        reason = verify_checkpoint(os.path.join(ckpt_root, d), rank, world)
+        if reason is None:
+            return os.path.join(ckpt_root, d)
+        log(f"warning: skipping checkpoint {d}: {reason}")
+    if found:
+        sys.exit(f"error: no checkpoint in {ckpt_root} verifies ({len(found)} found, reasons above); not starting "
+                 "afresh over them. Resume one by hand with --resume PATH after repairing it, or start over with "
+                 "--resume none (which deletes them)")
+    return None
+
+
+def lock_run_dir(run_dir):
+    """An exclusive lock on the run folder for this run's rank 0, with the holder's host, pid and
+    start time in it: two runs never write the same checkpoints and log. flock is released by the
+    kernel when its holder dies, so a lock left by a killed run is never in the way (and its
+    record is reported). The returned file must stay open for the whole run."""
+    import fcntl
+    import socket
+    os.makedirs(run_dir, exist_ok=True)
+    path = os.path.join(run_dir, ".lock")
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        sys.exit(f"error: {run_dir} is in use by {holder}; two runs must not write the same run folder. Stop that "
+                 "run first (kill -TERM its torchrun launcher and wait: the workers checkpoint and exit), or use "
+                 "another --out-dir")
+    f.seek(0)
+    previous = f.read().strip()
+    f.seek(0)
+    f.truncate()
+    f.write(f"host {socket.gethostname()} pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    f.flush()
+    return f, previous
 
 
 def rng_state():
@@ -679,10 +787,12 @@ def set_rng_state(st):
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
-def save_checkpoint(ckpt_root, step, engine, model, opt, sched, rank, keep):
-    """Resumable state of `step` completed steps, written into a temporary folder that is renamed
-    into place only when every rank has finished writing; `latest` moves last, so a run killed at
-    any moment leaves the previous checkpoint intact and pointed to. Keeps the newest `keep`."""
+def save_checkpoint(ckpt_root, step, engine, model, opt, sched, rank, keep, world=1):
+    """Resumable state of `step` completed steps, written into a temporary folder that gets a
+    manifest (every file's size and sha256) last and is renamed into place only when every rank
+    has written successfully; `latest` moves after that. A run killed at any moment, or a write
+    that fails on any rank, leaves the previous checkpoint intact and pointed to: a failed save
+    stops the run with a message, never with a half-written checkpoint in use. Keeps the newest `keep`."""
     tag = f"step-{step:07d}"
     tmp_tag = tag + ".tmp"
     tmp = os.path.join(ckpt_root, tmp_tag)
@@ -690,14 +800,36 @@ def save_checkpoint(ckpt_root, step, engine, model, opt, sched, rank, keep):
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     barrier()
-    if engine is not None:  # DeepSpeed: every rank writes its own shard of weights and optimizer
-        engine.save_checkpoint(ckpt_root, tag=tmp_tag, client_state={"step": step}, save_latest=False)
-    elif rank == 0:  # plain/DDP: identical on every rank; only trainable tensors (LoRA: the adapter)
-        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-        torch.save({"model": {n: t for n, t in model.state_dict().items() if n in trainable},
-                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step},
-                   os.path.join(tmp, "state.pt"))
-    torch.save(rng_state(), os.path.join(tmp, f"rng-{rank}.pt"))
+    error = None
+    try:
+        if engine is not None:  # DeepSpeed: every rank writes its own shard of weights and optimizer
+            engine.save_checkpoint(ckpt_root, tag=tmp_tag, client_state={"step": step}, save_latest=False)
+        elif rank == 0:  # plain/DDP: identical on every rank; only trainable tensors (LoRA: the adapter)
+            trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+            torch.save({"model": {n: t for n, t in model.state_dict().items() if n in trainable},
+                        "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step},
+                       os.path.join(tmp, "state.pt"))
+        torch.save(rng_state(), os.path.join(tmp, f"rng-{rank}.pt"))
+    except Exception as exc:  # disk full, read-only, quota, a lost mount ...
+        error = f"rank {rank}: {type(exc).__name__}: {exc}"
+    failed = all_sum(error is not None, collective_device())
+    if not failed:
+        barrier()
+        digests = shared_digests(tmp, checkpoint_files(tmp), rank, world)
+        if rank == 0:
+            try:
+                write_json(os.path.join(tmp, MANIFEST), {"step": step, "files": digests})
+            except Exception as exc:
+                error = f"rank 0: {type(exc).__name__}: {exc}"
+        failed = all_sum(error is not None, collective_device())
+    if failed:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        barrier()
+        previous = latest_checkpoint(ckpt_root)
+        sys.exit(f"error: saving checkpoint {tag} failed ({error or 'on another rank'}); the previous checkpoint "
+                 f"{previous or '(none)'} is intact and `latest` still names it. Fix the cause and run the same "
+                 "command again to resume from it")
     barrier()
     if rank == 0:
         final = os.path.join(ckpt_root, tag)
@@ -781,8 +913,10 @@ def parse_args(argv=None):
                    "On CPU, if DeepSpeed fails to start, the plain loop is used and the reason logged")
     p.add_argument("--save-every", type=int, default=200, help="checkpoint every N steps, and at the end (default %(default)s)")
     p.add_argument("--keep-last", type=int, default=2, help="checkpoints to keep (default %(default)s)")
-    p.add_argument("--resume", default="auto", help="'auto': continue from <run>/checkpoints/latest if it exists; "
-                   "'none': start afresh (old checkpoints are removed); or a checkpoint folder (default %(default)s)")
+    p.add_argument("--resume", default="auto", help="'auto': continue from the newest checkpoint in <run>/checkpoints "
+                   "that verifies against its manifest (sizes and sha256), `latest` first; stops rather than start "
+                   "afresh over checkpoints that all fail. 'none': start afresh (old checkpoints are removed). Or a "
+                   "checkpoint folder, which must verify (default %(default)s)")
     p.add_argument("--lora", action="store_true", help="train LoRA adapters (peft) instead of all weights; the final "
                    "model is saved merged, the adapter beside it. Plain loop or ZeRO 1/2")
     p.add_argument("--lora-r", type=int, default=16, help="LoRA rank (default %(default)s)")
@@ -845,6 +979,13 @@ def setup_distributed(use_deepspeed):
 def barrier():
     if dist.is_initialized():
         dist.barrier()
+
+
+def collective_device():
+    """Where a small tensor must live for a collective: the GPU under NCCL, else the CPU."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def all_sum(x, device):
@@ -1175,6 +1316,11 @@ def main(argv=None):
 
     run_dir = os.path.join(args.out_dir, f"stage{args.stage}")
     ckpt_root = os.path.join(run_dir, "checkpoints")
+    if master:  # one writer per run folder; held until this process ends
+        run_lock, previous_holder = lock_run_dir(run_dir)  # noqa: F841
+        if previous_holder:
+            log(f"{run_dir}: the previous run ({previous_holder}) has ended; taking over its folder")
+    barrier()
     model_path = resolve_model(args, tok_dir, master, log)
     tokenizer = AutoTokenizer.from_pretrained(tok_dir or model_path, trust_remote_code=args.trust_remote_code)
 
@@ -1260,7 +1406,15 @@ def main(argv=None):
     if args.resume == "none" and master:
         shutil.rmtree(ckpt_root, ignore_errors=True)
     barrier()
-    start = args.resume if args.resume not in ("auto", "none") else (latest_checkpoint(ckpt_root) if args.resume == "auto" else None)
+    if args.resume == "auto":  # the newest checkpoint that verifies; never afresh over existing ones
+        start = checkpoint_to_resume(ckpt_root, rank, world, log)
+    elif args.resume == "none":
+        start = None
+    else:
+        start = args.resume
+        reason = verify_checkpoint(start, rank, world)
+        if reason:
+            sys.exit(f"error: --resume {start}: {reason}")
     config = {**vars(args), "model_resolved": model_path, "world_size": world, "attention": attn, "compute_dtype": dtype,
               "zero_stage": zero_stage, "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
               "data_counts": counts, "fill": fill0}
@@ -1278,6 +1432,9 @@ def main(argv=None):
     # SIGTERM (preemption, scancel, torchrun shutting down): finish the step, checkpoint, exit
     stop = {"signal": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(signal=True))
+    # torchrun (torch 2.13) starts each worker in its own session: if the launcher is killed, the
+    # workers would train on as orphans. A worker whose parent changed treats it as a SIGTERM.
+    launcher = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None
 
     # --- training loop: one optimizer step per plan entry, --grad-accum packs per rank
     peak = peak_tflops(args, device)
@@ -1341,19 +1498,22 @@ def main(argv=None):
                 if step % args.log_every == 0 or step == total_steps:
                     log(f"step {step}/{total_steps}  loss {loss:.4f}  lr {lr:.2e}  grad-norm {grad_norm:.3f}  "
                         f"{tokens / dt / world:,.0f} tok/s/device" + (f"  MFU {rec['mfu']:.1%}" if peak else ""))
+            if launcher is not None and os.getppid() != launcher:
+                stop["signal"] = True
             stop_now = all_sum(stop["signal"], device) > 0
             if step % args.save_every == 0 or step == end or stop_now:
-                save_checkpoint(ckpt_root, step, engine, model, opt, sched, rank, args.keep_last)
+                save_checkpoint(ckpt_root, step, engine, model, opt, sched, rank, args.keep_last, world)
                 last_saved = step
             if stop_now:
                 bar.close()
-                log(f"SIGTERM: checkpoint {ckpt_root}/step-{step:07d} saved; run the same command to resume")
+                log(f"SIGTERM (or the launcher died): checkpoint {ckpt_root}/step-{step:07d} saved; run the same "
+                    "command to resume")
                 sys.exit(143)
             if step >= end:
                 break
     bar.close()
     if last_saved != step:
-        save_checkpoint(ckpt_root, step, engine, model, opt, sched, rank, args.keep_last)
+        save_checkpoint(ckpt_root, step, engine, model, opt, sched, rank, args.keep_last, world)
     if master:
         log_file.close()
         if tb:
