@@ -375,14 +375,7 @@ def merge_alignment(path, src, tgt):
                     swap = w1 == w4 and w2 == w3
                 else:
                     swap = Levenshtein.distance(w1, w4) <= 1 and Levenshtein.distance(w2, w3) <= 1
-                if swap:
-                    kept.append(as_swap(e1, e3))
-                    i += 3
-                else:
-                    kept.append(e1)
-                    i += 1
-                continue
-            if (o1, o3) in (("D", "I"), ("I", "D")) and (o2 == "M" or o2 == "T"):
+            elif (o1, o3) in (("D", "I"), ("I", "D")) and (o2 == "M" or o2 == "T"):
                 deleted, inserted = (src_text(e1), tgt_text(e3)) if o1 == "D" else (src_text(e3), tgt_text(e1))
                 longer, shorter = (deleted, inserted) if len(deleted) >= len(inserted) else (inserted, deleted)
                 swap = False
@@ -392,12 +385,11 @@ def merge_alignment(path, src, tgt):
                     else:
                         swap = Levenshtein.distance(longer, shorter) <= 1 or (
                             len(longer) == len(shorter) and shorter in longer + longer)
-                if swap:
-                    kept.append(as_swap(e1, e3))
-                    i += 3
-                else:
-                    kept.append(e1)
-                    i += 1
+            else:
+                swap = None  # no swap pattern starts here
+            if swap is not None:  # a pattern: the three edits become one word-order edit, or e1 stays
+                kept.append(as_swap(e1, e3) if swap else e1)
+                i += 3 if swap else 1
                 continue
         if o1 != "M":
             kept.append(e1)

@@ -1121,20 +1121,22 @@ def hub_snapshot(repo_id, log):
     """A hub model id -> the local folder of its files (downloaded once into the Hugging Face
     cache: each node's local rank 0 first, then the others read the cache). Safetensors only."""
     from huggingface_hub import snapshot_download
-    local_first = int(os.environ.get("LOCAL_RANK", 0)) == 0
-    path = None
-    for turn in (True, False):
-        if turn == local_first:
-            try:
-                if turn:
-                    log(f"downloading {repo_id} from the Hugging Face hub into its cache")
-                path = snapshot_download(repo_id, ignore_patterns=["*.bin", "*.pth", "*.pt", "*.gguf", "*.h5",
-                                                                    "*.msgpack", "*.onnx"])
-            except Exception as e:  # offline, unknown repo, gated, ...: one line, not a traceback
-                reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
-                sys.exit(f"error: --model {repo_id} is not a local folder, and fetching it from the Hugging Face hub "
-                         f"failed ({type(e).__name__}: {reason}); pass the path of a downloaded model folder")
-        barrier()
+    def fetch():
+        try:
+            return snapshot_download(repo_id, ignore_patterns=["*.bin", "*.pth", "*.pt", "*.gguf", "*.h5",
+                                                                "*.msgpack", "*.onnx"])
+        except Exception as e:  # offline, unknown repo, gated, ...: one line, not a traceback
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            sys.exit(f"error: --model {repo_id} is not a local folder, and fetching it from the Hugging Face hub "
+                     f"failed ({type(e).__name__}: {reason}); pass the path of a downloaded model folder")
+
+    first = int(os.environ.get("LOCAL_RANK", 0)) == 0
+    if first:
+        log(f"downloading {repo_id} from the Hugging Face hub into its cache")
+        path = fetch()
+    barrier()  # the other ranks of the node then find the files in the cache
+    if not first:
+        path = fetch()
     return path
 
 

@@ -52,6 +52,22 @@ def peak_memory(gpu):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def train_timer(gpu):
+    """A Trainer callback timing train() alone (dataset preparation and model set-up excluded)."""
+    import torch
+    from transformers import TrainerCallback
+
+    class Timer(TrainerCallback):
+        def on_train_begin(self, *a, **k):
+            self.t0 = time.time()
+
+        def on_train_end(self, *a, **k):
+            if gpu:
+                torch.cuda.synchronize()
+            self.seconds = time.time() - self.t0
+    return Timer()
+
+
 def run_ours(data, tokenizer_dir, max_len, gpu):
     import numpy as np
     import torch
@@ -85,9 +101,8 @@ def run_ours(data, tokenizer_dir, max_len, gpu):
 
 
 def run_baseline(data, tokenizer_dir, batch_size, max_len, gpu):
-    import torch
     from datasets import load_from_disk
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
     ds = load_from_disk(data)
     ds = ds.filter(lambda x: x["length"] <= max_len).select_columns(["input_ids", "labels"])
     model, tok = build_model(tokenizer_dir, gpu)
@@ -100,16 +115,7 @@ def run_baseline(data, tokenizer_dir, batch_size, max_len, gpu):
         counted["computed"] += int(batch["input_ids"].numel())
         return batch
 
-    class Timer(TrainerCallback):
-        def on_train_begin(self, *a, **k):
-            self.t0 = time.time()
-
-        def on_train_end(self, *a, **k):
-            if gpu:
-                torch.cuda.synchronize()
-            self.seconds = time.time() - self.t0
-
-    timer = Timer()
+    timer = train_timer(gpu)
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(output_dir=tmp, per_device_train_batch_size=batch_size, num_train_epochs=1,
                                  learning_rate=1e-4, report_to=[], save_strategy="no", logging_strategy="no",
@@ -131,7 +137,6 @@ def run_trl(data, tokenizer_dir, max_len, gpu):
     import torch
     import torch.nn.functional as F
     from datasets import load_from_disk
-    from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
     ds = load_from_disk(data).filter(lambda x: x["length"] <= max_len)
     ds = ds.map(lambda x: {"completion_mask": [int(y != -100) for y in x["labels"]]}).select_columns(
@@ -139,16 +144,7 @@ def run_trl(data, tokenizer_dir, max_len, gpu):
     model, tok = build_model(tokenizer_dir, gpu)
     counted = {"real": 0, "computed": 0, "steps": 0}
 
-    class Timer(TrainerCallback):
-        def on_train_begin(self, *a, **k):
-            self.t0 = time.time()
-
-        def on_train_end(self, *a, **k):
-            if gpu:
-                torch.cuda.synchronize()
-            self.seconds = time.time() - self.t0
-
-    timer = Timer()
+    timer = train_timer(gpu)
     with tempfile.TemporaryDirectory() as tmp:
         cfg = SFTConfig(output_dir=tmp, max_length=max_len, packing=True, packing_strategy="bfd", padding_free=True,
                         completion_only_loss=True, per_device_train_batch_size=1, num_train_epochs=1,
