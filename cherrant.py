@@ -10,8 +10,10 @@ from the Cilin thesaurus, pinyin and a confusion set; "transpositions" of window
 characters), enumerates *all* cheapest alignments, merges each into span edits and emits every
 distinct edit list. All of them carry annotator id 0, so the comparison sees their union *with
 multiplicity*: an edit present in three distinct alignments counts three times as TP, FP or FN. We
-reproduce that exactly: every cost is formed with the same float operations (so the same ties),
-the dynamic programme is row-vectorised, and the transposition scan is a multiset-hash lookup.
+reproduce that exactly, and fast: every cost is formed with the same float operations (so the same
+ties); the dynamic programme runs a row at a time over a batch of sentence pairs; the
+transposition scan is a multiset-hash lookup; and the distinct edit lists are read off the graph of
+cheapest alignments in one sweep instead of walking its (up to ~10^5) paths one by one.
 
 Enumerating all cheapest alignments explodes when the two strings share little; LawBench guards
 each sentence with a 10 s timer and, for sentences that hit it, replaces the prediction by "无" and
@@ -19,6 +21,7 @@ annotates again. We replace the clock by a deterministic estimate of the work th
 annotator would do and a fixed budget (CHERRANT_WORK_BUDGET) calibrated on the published results.
 
     edits = cherrant_edits(source, corrected)          # {edit key: [category, ...]}
+    many = cherrant_edits_many([(source, corrected), ...])  # the same, batched: use this for a corpus
     tp, fp, fn = compare_edits(hyp_edits, ref_edits)   # one sentence
     f_beta(tp, fp, fn)                                 # ChERRANT's corpus F0.5, as LawBench parses it
 
@@ -110,9 +113,18 @@ def substitution_costs(src_vocab, tgt_vocab):
     equal_parts = sum((fa[:, k:k + 1] == fb[None, :, k]).astype(np.int64) for k in (1, 2, 3))
     sem = np.where(known, 2 * (3 - equal_parts), 4)
     za, zb, qa, qb = fa[:, 4] == 1, fb[:, 4] == 1, fa[:, 5] == 1, fb[:, 5] == 1
-    # share a pinyin reading (padding: -1 vs -2 never equal)
-    rb = np.where(rb < 0, -2, rb)
-    similar = (ra[:, None, :, None] == rb[None, :, None, :]).any(axis=(2, 3))
+    # Share a pinyin reading: for each reading, the target tokens that have it; then each source
+    # token marks the targets of its readings (instead of comparing every pair's reading lists).
+    by_reading = {}
+    for j, readings in enumerate(rb.tolist()):
+        for x in readings:
+            if x >= 0:
+                by_reading.setdefault(x, []).append(j)
+    similar = np.zeros((len(src_vocab), len(tgt_vocab)), dtype=bool)
+    for i, readings in enumerate(ra.tolist()):
+        for x in readings:
+            if x in by_reading:
+                similar[i, by_reading[x]] = True
     src_index = {t: i for i, t in enumerate(src_vocab)}
     tgt_index = {t: j for j, t in enumerate(tgt_vocab)}
     tgt_set, src_set = set(tgt_vocab), set(src_vocab)
@@ -143,86 +155,185 @@ def _multiset_hash_prefix(ids, values):
     return out
 
 
-def cherrant_align(src, tgt):
-    """ChERRANT's weighted edit-distance alignment of token lists src -> tgt.
-
-    Returns (ops, ktrans, iters): ops[a, b] is a bitmask of the cheapest operations ending at cell
-    (a, b) (M, S, I, D, T), ktrans[a, b] the length of the window upstream's transposition scan
-    finds there (0 if none; it is an operation only where ops has T, i.e. where it is also
-    cheapest), and iters[a, b] how many window comparisons that scan makes.
-
-    Upstream fills the matrix cell by cell; at a mismatch it scans k = 1, 2, ... back along the
-    diagonal while the diagonal cost keeps changing, looking for windows src[i-k..i], tgt[j-k..j]
-    that are permutations of each other. We fill a row at a time (only the insertion chain within
-    a row is sequential) and replace the scan by a lookup: the nearest earlier point on the same
-    diagonal with an equal multiset hash, accepted when no "flat" diagonal step (equal costs) lies
-    in between -- exactly where the scan would have stopped. Every cost is formed with the same
-    float operations as upstream, so ties, and hence the set of cheapest alignments, are identical.
-    """
+def _pair_tables(src, tgt, sub_table, src_index, tgt_index):
+    """What the dynamic programme needs of one pair besides costs so far: substitution costs (from
+    a table over a vocabulary containing the pair's tokens), matches, and the transposition
+    candidates -- for each mismatched cell, the previous point on its diagonal where the window
+    in between is a permutation (equal multiset hashes)."""
     n, m = len(src), len(tgt)
+    s_ids = np.array([src_index[t] for t in src], dtype=np.int64)
+    t_ids = np.array([tgt_index[t] for t in tgt], dtype=np.int64)
+    sub = sub_table[s_ids[:, None], t_ids[None, :]]
     vocab = sorted(set(src) | set(tgt))
     index = {t: i for i, t in enumerate(vocab)}
     s_ids = np.array([index[t] for t in src], dtype=np.int64)
     t_ids = np.array([index[t] for t in tgt], dtype=np.int64)
-    us, ut = sorted(set(src)), sorted(set(tgt))
-    table = substitution_costs(us, ut)
-    su = {t: i for i, t in enumerate(us)}
-    tu = {t: j for j, t in enumerate(ut)}
-    sub = table[np.array([su[t] for t in src])[:, None], np.array([tu[t] for t in tgt])[None, :]]
     match = s_ids[:, None] == t_ids[None, :]
 
-    # Transposition candidates, independent of costs: for each point (a, b), the previous point on
-    # its diagonal with the same pair of multiset hashes (the window in between is a permutation).
     rng = np.random.default_rng(20231113)
     values = rng.integers(0, 2**63, size=(2, len(vocab)), dtype=np.uint64)
     e1 = (_multiset_hash_prefix(s_ids, values[0])[:, None] - _multiset_hash_prefix(t_ids, values[0])[None, :]).ravel()
     e2 = (_multiset_hash_prefix(s_ids, values[1])[:, None] - _multiset_hash_prefix(t_ids, values[1])[None, :]).ravel()
     aa = np.repeat(np.arange(n + 1), m + 1)
     dd = (np.tile(np.arange(m + 1), n + 1) - aa).astype(np.uint64)
-    # Group points by (diagonal, hash): two stable sorts (hash, then diagonal) keep each group
+    # Group points by (diagonal, hash): a stable sort on one key mixing the two keeps each group
     # contiguous and, since the flattened order is row-major, its points in increasing row order.
-    order = np.argsort(e1, kind="stable")
-    order = order[np.argsort(dd[order], kind="stable")]
-    same = (dd[order][1:] == dd[order][:-1]) & (e1[order][1:] == e1[order][:-1]) & (e2[order][1:] == e2[order][:-1])
+    # Should two groups share a mixed key (odds ~2**-40 per sentence), sort on both instead.
+    with np.errstate(over="ignore"):
+        key = e1 + dd * (rng.integers(0, 2**63, dtype=np.uint64) | np.uint64(1))
+    order = np.argsort(key, kind="stable")
+    same_dd, same_e1 = dd[order][1:] == dd[order][:-1], e1[order][1:] == e1[order][:-1]
+    if ((key[order][1:] == key[order][:-1]) & ~(same_dd & same_e1)).any():
+        order = np.argsort(e1, kind="stable")
+        order = order[np.argsort(dd[order], kind="stable")]
+        same_dd, same_e1 = dd[order][1:] == dd[order][:-1], e1[order][1:] == e1[order][:-1]
+    same = same_dd & same_e1 & (e2[order][1:] == e2[order][:-1])
     prev = np.full((n + 1) * (m + 1), -1, dtype=np.int64)
     prev[order[1:][same]] = aa[order][:-1][same]
     prev = prev.reshape(n + 1, m + 1)
-    candidates = [[] for _ in range(n)]
-    ca, cb = np.nonzero((prev[1:, 1:] >= 0) & ~match)
-    for a, b, p in zip(ca.tolist(), cb.tolist(), prev[1:, 1:][ca, cb].tolist()):
-        candidates[a].append((b, p))
+    ca, cb = np.nonzero((prev[1:, 1:] >= 0) & ~match)  # cell (ca + 1, cb + 1), found in row ca
+    return sub, match, (ca, cb, prev[1:, 1:][ca, cb])
 
-    cost = np.zeros((n + 1, m + 1))
-    cost[:, 0] = np.arange(n + 1)
-    cost[0, :] = np.arange(m + 1)
-    trans = np.full((n, m), np.inf)  # transposition cost where the scan finds a window
-    ktrans = np.zeros((n + 1, m + 1), dtype=np.int64)
-    match_rows = match.tolist()
-    rows = [cost[0].tolist()]
-    last_flat = np.full(n + m + 1, -1, dtype=np.int64)  # per diagonal (j - i + n): last flat step
-    for i in range(n):  # row i computes cost[i + 1, 1:]; only the insertion chain is sequential
-        best_no_ins = np.minimum(cost[i, :-1] + sub[i], cost[i, 1:] + 1)
-        for j, p in candidates[i]:
-            # The scan reaches p unless a flat diagonal step lies between p and (i, j).
-            if p > last_flat[j - i + n]:
-                trans[i, j] = rows[p][p + j - i] + (i - p)
-                ktrans[i + 1, j + 1] = i - p + 1
-                if trans[i, j] < best_no_ins[j]:
-                    best_no_ins[j] = trans[i, j]
-        left = float(i + 1)
-        row = [left]
-        for is_match, best, diag in zip(match_rows[i], best_no_ins.tolist(), rows[i]):
-            if is_match:
-                left = diag
-            else:
-                left_ins = left + 1
-                left = best if best <= left_ins else left_ins
-            row.append(left)
-        cost[i + 1] = row
-        rows.append(row)
+
+def _insertion_chains(start, best, diag, match):
+    """One row of the cost matrix for a batch of pairs (arrays [pairs, columns]), given everything
+    but insertions: x[j] = diag[j] at a match, else min(best[j], x[j-1] + 1), with x[-1] = start
+    -- upstream's cell-by-cell recurrence, and the one sequential part of the programme.
+
+    We guess whole rows at once: a match restarts the chain, and every other cell is the cheapest
+    candidate k <= j since the last restart plus j - k insertions (a segmented prefix minimum).
+    Then we check the recurrence itself, with upstream's float operations. A row that passes is
+    exactly upstream's row, since the recurrence has one solution. Where a cell fails (adding 1
+    five times does not round like adding 5 at once, so near-ties can differ in the last bit), we
+    redo that row's cells from there one by one, skipping ahead once a recomputed cell equals its
+    guess, as everything after it then follows unchanged."""
+    rows, m = best.shape
+    k = np.arange(-1, m)
+    candidate = np.concatenate((np.full((rows, 1), start), np.where(match, diag, best)), axis=1)
+    segment = np.concatenate((np.zeros((rows, 1), dtype=np.int64), np.cumsum(match, axis=1)), axis=1)
+    # 4096 per segment keeps earlier segments out of later minima (|values| < 4096); the offset
+    # blurs the last bits, so it only picks a candidate, whose own value is then used.
+    key = candidate - k - 4096.0 * segment
+    low = np.minimum.accumulate(key, axis=1)
+    pick = np.maximum.accumulate(np.where(key == low, k + 1, 0), axis=1)
+    x = (np.take_along_axis(candidate, pick, axis=1) + (k + 1 - pick))[:, 1:]
+    prev = np.concatenate((np.full((rows, 1), start), x[:, :-1]), axis=1)
+    bad_r, bad_j = np.nonzero(np.where(match, diag, np.minimum(best, prev + 1)) != x)
+    for r in np.unique(bad_r).tolist():
+        x[r] = _repair_chain(start, x[r].tolist(), best[r].tolist(), diag[r].tolist(), match[r].tolist(),
+                             bad_j[bad_r == r].tolist())
+    return x
+
+
+def _repair_chain(start, x, best, diag, match, bad):
+    """Upstream's recurrence cell by cell from the first inconsistent cell of a guessed row."""
+    m, nxt, j = len(x), 0, bad[0]
+    while j < m:
+        left = x[j - 1] if j else start
+        if match[j]:
+            new = diag[j]
+        else:
+            left_ins = left + 1
+            new = best[j] if best[j] <= left_ins else left_ins
+        while nxt < len(bad) and bad[nxt] <= j:
+            nxt += 1
+        same = new == x[j]
+        x[j] = new
+        if same:  # the cells up to the next inconsistent one follow unchanged
+            if nxt == len(bad):
+                break
+            j = bad[nxt]
+        else:
+            j += 1
+    return x
+
+
+def cherrant_align(src, tgt):
+    """ChERRANT's weighted edit-distance alignment of token lists src -> tgt; see
+    cherrant_align_many, which aligns many pairs at once (much faster per pair)."""
+    return cherrant_align_many([(src, tgt)])[0]
+
+
+ALIGN_BATCH_CELLS = 1 << 20  # cells per batch of pairs aligned together (~25 MB of arrays)
+
+
+def cherrant_align_many(pairs):
+    """ChERRANT's weighted edit-distance alignment of each (src, tgt) pair of token lists.
+
+    Returns one (ops, ktrans, iters) per pair: ops[a, b] is a bitmask of the cheapest operations
+    ending at cell (a, b) (M, S, I, D, T), ktrans[a, b] the length of the window upstream's
+    transposition scan finds there (0 if none; it is an operation only where ops has T, i.e.
+    where it is also cheapest), and iters[a, b] how many window comparisons that scan makes.
+
+    Upstream fills the matrix cell by cell; at a mismatch it scans k = 1, 2, ... back along the
+    diagonal while the diagonal cost keeps changing, looking for windows src[i-k..i], tgt[j-k..j]
+    that are permutations of each other. We replace the scan by a lookup (the nearest earlier
+    point on the same diagonal with an equal multiset hash, accepted when no "flat" diagonal step
+    of equal costs lies in between -- exactly where the scan would have stopped), and fill a row
+    at a time for a whole batch of pairs of similar size: cell (i, j) of every pair is computed
+    by the same array operations, and padding cells beyond a pair's size feed no real cell. Every
+    cost is formed with the same float operations as upstream, so ties, and hence the set of
+    cheapest alignments, are identical."""
+    out = [None] * len(pairs)
+    order = sorted(range(len(pairs)), key=lambda p: (len(pairs[p][0]), len(pairs[p][1])))
+    while order:
+        batch = [order.pop(0)]
+        width = len(pairs[batch[0]][1])
+        while order and (len(batch) + 1) * (len(pairs[order[0]][0]) + 1) * (max(width, len(pairs[order[0]][1])) + 1) <= ALIGN_BATCH_CELLS:
+            width = max(width, len(pairs[order[0]][1]))
+            batch.append(order.pop(0))
+        for p, result in zip(batch, _align_batch([pairs[p] for p in batch])):
+            out[p] = result
+    return out
+
+
+def _align_batch(pairs):
+    sizes = [(len(s), len(t)) for s, t in pairs]
+    B, N, M = len(pairs), max(n for n, _ in sizes), max(m for _, m in sizes)
+    sub = np.full((B, N, M), 9.0)  # padding: no match, and costs no real cell ever reads
+    match = np.zeros((B, N, M), dtype=bool)
+    # One substitution table for the whole batch (the cost of a token pair is the same in every
+    # sentence), instead of one per pair.
+    us = sorted({t for src, _ in pairs for t in src})
+    ut = sorted({t for _, tgt in pairs for t in tgt})
+    table = substitution_costs(us, ut)
+    src_index, tgt_index = {t: i for i, t in enumerate(us)}, {t: j for j, t in enumerate(ut)}
+    cand = []
+    for b, (src, tgt) in enumerate(pairs):
+        n, m = sizes[b]
+        s, mt, (ca, cb, cp) = _pair_tables(src, tgt, table, src_index, tgt_index)
+        sub[b, :n, :m], match[b, :n, :m] = s, mt
+        cand.append(np.stack([ca, np.full_like(ca, b), cb, cp]))
+    cand = np.concatenate(cand, axis=1)
+    cand = cand[:, np.argsort(cand[0], kind="stable")]
+    row_start = np.searchsorted(cand[0], np.arange(N + 1))
+
+    cost = np.zeros((B, N + 1, M + 1))
+    cost[:, :, 0] = np.arange(N + 1)
+    cost[:, 0, :] = np.arange(M + 1)
+    trans = np.full((B, N, M), np.inf)  # transposition cost where the scan finds a window
+    ktrans = np.zeros((B, N + 1, M + 1), dtype=np.int64)
+    last_flat = np.full((B, N + M + 1), -1, dtype=np.int64)  # per diagonal (j - i + N): last flat step
+    for i in range(N):  # row i computes cost[:, i + 1, 1:]
+        best = np.minimum(cost[:, i, :-1] + sub[:, i], cost[:, i, 1:] + 1)
+        _, cb, cj, cp = cand[:, row_start[i]:row_start[i + 1]]
+        # The scan reaches p unless a flat diagonal step lies between p and (i, j).
+        ok = cp > last_flat[cb, cj - i + N]
+        cb, cj, cp = cb[ok], cj[ok], cp[ok]
+        t = cost[cb, cp, cp + cj - i] + (i - cp)
+        trans[cb, i, cj] = t
+        ktrans[cb, i + 1, cj + 1] = i - cp + 1
+        best[cb, cj] = np.minimum(best[cb, cj], t)
+        cost[:, i + 1, 1:] = _insertion_chains(float(i + 1), best, cost[:, i, :-1], match[:, i])
         # Steps (i, j) -> (i+1, j+1) with equal cost stop later scans on that diagonal.
-        flat = np.nonzero(cost[i + 1, 1:] == cost[i, :-1])[0]
-        last_flat[flat - i + n] = i
+        fb, fj = np.nonzero(cost[:, i + 1, 1:] == cost[:, i, :-1])
+        last_flat[fb, fj - i + N] = i
+    return [_ops_and_scans(cost[b, :n + 1, :m + 1], trans[b, :n, :m], ktrans[b, :n + 1, :m + 1],
+                           sub[b, :n, :m], match[b, :n, :m]) for b, (n, m) in enumerate(sizes)]
+
+
+def _ops_and_scans(cost, trans, ktrans, sub, match):
+    n, m = cost.shape[0] - 1, cost.shape[1] - 1
     # Which operations reach each cell's cost: recomputed with the same float operations.
     best = cost[1:, 1:]
     ops = np.zeros((n + 1, m + 1), dtype=np.int64)
@@ -246,7 +357,7 @@ def cherrant_align(src, tgt):
     reach = np.maximum(np.minimum(np.minimum(a_idx - 1, b_idx - 1), a_idx - 2 - lf), 0)
     k = ktrans[1:, 1:] - 1
     iters = np.where(match, 0, np.where(k > 0, k, reach))
-    return ops, ktrans, iters
+    return ops, ktrans.copy(), iters  # a copy: a view would keep the whole batch's array alive
 
 
 _OP_ORDER = ((OP_T, "T"), (OP_S, "S"), (OP_I, "I"), (OP_D, "D"))  # upstream's order within a cell
@@ -318,20 +429,6 @@ def _count_alignments_dense(ops, ktrans, first_only):
     return float(count[n + 1, m + 1])
 
 
-def enumerate_alignments(ops, ktrans, first_only):
-    """All cheapest alignments, each a list of (op, src_start, src_end, tgt_start, tgt_end)."""
-    n, m = ops.shape[0] - 1, ops.shape[1] - 1
-    paths, stack = [], [(n, m, [])]
-    while stack:
-        a, b, tail = stack.pop()
-        if a == 0 and b == 0:
-            paths.append(tail[::-1])
-            continue
-        for op, pa, pb in _cell_ops(ops, ktrans, a, b, first_only):
-            stack.append((pa, pb, tail + [(op, pa, a, pb, b)]))
-    return paths
-
-
 def _merge_run(run):
     """ChERRANT's char-level merge of a run of consecutive non-match/non-transposition ops."""
     if len(run) <= 1:
@@ -343,15 +440,105 @@ def _merge_run(run):
     return [(tag, run[0][1], run[-1][2], run[0][3], run[-1][4])]
 
 
-def merge_alignment(path, src, tgt):
-    """Turn one alignment into span edits, following ChERRANT's char-level merger: merge runs,
-    recognise S-M-S and D-M-I / I-M-D swaps as word-order (T) edits, drop matches, and trim a
-    substitution whose ends are really unchanged."""
-    import Levenshtein
+_DI = {"D", "I"}
+
+
+def distinct_run_edit_lists(ops, ktrans, first_only):
+    """The distinct results of run_edits() over all cheapest alignments, without walking them.
+
+    The number of cheapest alignments can reach 10^5 and more for an answer far from its source,
+    yet they nearly all merge into the same one or two edit lists: the paths differ only in how
+    they interleave S, I and D inside a run, which _merge_run collapses into one span. So instead
+    of enumerating paths we sweep the alignment graph once, in anti-diagonal order from (0, 0),
+    and keep at each cell only the distinct (finished edits, open run) pairs that reach it. A
+    finished prefix is an interned id (parent id, edit), so equal prefixes are shared; the open
+    run is the one thing a later operation can still change: its class and start, which
+    operations it holds, and -- while it holds only D and I, which _merge_run leaves as single
+    edits -- the operations themselves. tests/test_cherrant.py checks the result against
+    enumerating every path and calling run_edits on each."""
+    n, m = ops.shape[0] - 1, ops.shape[1] - 1
+    # The cells some cheapest path from (n, m) back to (0, 0) passes, with their incoming steps.
+    incoming, todo = {}, [(n, m)]
+    while todo:
+        a, b = todo.pop()
+        if (a, b) in incoming or (a, b) == (0, 0):
+            continue
+        steps = [((op, pa, a, pb, b), (pa, pb)) for op, pa, pb in _cell_ops(ops, ktrans, a, b, first_only)]
+        incoming[a, b] = steps
+        todo.extend(p for _, p in steps if p not in incoming)
+
+    prefixes, interned = [None], {}  # id -> (parent id, edit); id 0 is the empty list
+
+    def emit(pid, edit):
+        key = (pid, edit)
+        if key not in interned:
+            interned[key] = len(prefixes)
+            prefixes.append(key)
+        return interned[key]
+
+    def close(pid, run, a, b):
+        """Emit the open run ending at cell (a, b) exactly as _merge_run would."""
+        if run is None:
+            return pid
+        cls, sa, sb, kinds, seq = run
+        if cls == "M":
+            return emit(pid, ("M", sa, a, sb, b))
+        if kinds == _DI:  # _merge_run keeps the single operations
+            for edit in seq:
+                pid = emit(pid, edit)
+            return pid
+        tag = next(iter(kinds)) if len(kinds) == 1 else "S"
+        return emit(pid, (tag, sa, a, sb, b))
+
+    states = {(0, 0): {(0, None)}}
+    for cell in sorted(incoming, key=lambda c: (c[0] + c[1], c)):
+        out = set()
+        for edit, (pa, pb) in incoming[cell]:
+            name = edit[0]
+            cls = "M" if name == "M" else "T" if name[0] == "T" else "O"
+            for pid, run in states[pa, pb]:
+                if run is not None and run[0] == cls:  # the step extends the open run
+                    if cls == "O":
+                        kinds = run[3] | {name}
+                        run = ("O", run[1], run[2], kinds, run[4] + (edit,) if kinds <= _DI else None)
+                    out.add((pid, run))
+                    continue
+                pid = close(pid, run, pa, pb)
+                if cls == "T":  # transpositions are never merged
+                    out.add((emit(pid, edit), None))
+                elif cls == "M":
+                    out.add((pid, ("M", pa, pb, None, None)))
+                else:
+                    kinds = frozenset((name,))
+                    out.add((pid, ("O", pa, pb, kinds, (edit,) if kinds <= _DI else None)))
+        states[cell] = out
+
+    lists = []
+    for pid in {close(pid, run, n, m) for pid, run in states[n, m]}:
+        edits = []
+        while pid:
+            pid, edit = prefixes[pid]
+            edits.append(edit)
+        lists.append(edits[::-1])
+    return lists
+
+
+def run_edits(path):
+    """First half of ChERRANT's char-level merger, on one alignment (a list of (op, src_start,
+    src_end, tgt_start, tgt_end)) as upstream runs it path by path: each maximal run of matches
+    becomes one M span, transpositions stay single, and each maximal run of S/I/D operations goes
+    through _merge_run. distinct_run_edit_lists must agree with it; tests compare the two."""
     edits = []
     for kind, group in groupby(path, key=lambda e: e[0][0] if e[0][0] in "MT" else ""):
         group = list(group)
         edits.extend(group if kind == "T" else _merge_run(group))
+    return edits
+
+
+def merge_run_edits(edits, src, tgt):
+    """Second half of the merger: recognise S-M-S and D-M-I / I-M-D swaps as word-order (T) edits,
+    drop matches, and trim a substitution whose ends are really unchanged."""
+    import Levenshtein
 
     def src_text(e):
         return "".join(src[e[1]:e[2]])
@@ -470,10 +657,11 @@ CHERRANT_WORK_BUDGET = 1.72e8
 PATH_WEIGHT = 10  # one alignment-path step (recursion, list copy, merge) in token operations
 
 
-def cherrant_annotate(src_text, tgt_text):
+def cherrant_annotate(src_text, tgt_text, alignment=None):
     """Annotate one sentence pair. Returns (edits, work, failed): `edits` maps M2 keys to the list
     of their categories (one entry per distinct alignment containing them), `failed` when the
-    official annotator would have timed out or raised on this pair."""
+    official annotator would have timed out or raised on this pair. `alignment`, if given, is
+    cherrant_align's result for the pair's tokens (see cherrant_edits_many)."""
     if not tgt_text or not src_text:
         # Upstream never tokenises empty sentences, so the lookup raises and the pair is treated
         # like a timeout.
@@ -483,7 +671,7 @@ def cherrant_annotate(src_text, tgt_text):
         return {(-1, -1, "-NONE-"): ["noop"]}, 0, False
     if tgt_text == "无法标注":
         return {(-1, -1, "-NONE-"): ["NA"]}, 0, False
-    ops, ktrans, iters = cherrant_align(src, tgt)
+    ops, ktrans, iters = alignment if alignment is not None else cherrant_align(src, tgt)
     first_only = abs(len(src) - len(tgt)) > 10  # upstream keeps one alignment for very unequal lengths
     work = float(iters.sum()) * (len(src) + len(tgt))
     if work > CHERRANT_WORK_BUDGET:
@@ -492,11 +680,11 @@ def cherrant_annotate(src_text, tgt_text):
     work += n_paths * (len(src) + len(tgt)) * PATH_WEIGHT
     if work > CHERRANT_WORK_BUDGET:
         return None, work, True
-    distinct = []
-    for path in enumerate_alignments(ops, ktrans, first_only):
-        merged = merge_alignment(path, src, tgt)
-        if merged not in distinct:
-            distinct.append(merged)
+    # Upstream merges every cheapest alignment and keeps each distinct edit list once; we merge
+    # each distinct run_edits() list (see distinct_run_edit_lists), which gives the same set.
+    # Sorted, so the order of categories under one key is canonical (scores depend only on counts).
+    distinct = sorted({tuple(merge_run_edits(edits, src, tgt))
+                       for edits in distinct_run_edit_lists(ops, ktrans, first_only)})
     edits = {}
     for merged in distinct:
         for e in merged:
@@ -505,19 +693,43 @@ def cherrant_annotate(src_text, tgt_text):
     return edits, work, False
 
 
+def _aligns(src_text, tgt_text):
+    """Whether cherrant_annotate needs an alignment for this pair."""
+    return bool(src_text and tgt_text) and src_text != tgt_text and tgt_text not in ("没有错误", "无法标注")
+
+
+def cherrant_edits_many(pairs, cache=None):
+    """cherrant_edits for a list of (source, target) pairs, aligned together in batches (several
+    times faster than one by one). Returns one edits dict per pair, or None for a pair whose
+    source upstream cannot annotate at all (its fallback fails too). `cache` (a dict) keeps
+    results across calls."""
+    cache = {} if cache is None else cache
+
+    def annotate(todo):
+        todo = [p for p in dict.fromkeys(todo) if p not in cache]
+        aligned = [p for p in todo if _aligns(*p)]
+        alignments = dict(zip(aligned, cherrant_align_many(
+            [(cherrant_tokens(s), cherrant_tokens(t)) for s, t in aligned])))
+        return {p: cherrant_annotate(*p, alignments.get(p)) for p in todo}
+
+    first = annotate(pairs)
+    # A pair that would time out is annotated again against the one-character correction "无".
+    retry = annotate([(s, "无") for (s, _), (_, _, failed) in first.items() if failed])
+    for (s, t), (edits, _, failed) in first.items():
+        if failed:
+            edits, _, failed = retry[s, "无"] if (s, "无") in retry else (cache[s, "无"], 0, False)
+        cache[s, t] = None if failed else edits
+    for p, (edits, _, failed) in retry.items():
+        cache.setdefault(p, None if failed else edits)
+    return [cache[p] for p in pairs]
+
+
 def cherrant_edits(source, target, cache=None):
     """Edits of one (source, target) pair with upstream's timeout fallback: a pair that would time
     out is annotated again against the one-character correction "无"."""
-    key = (source, target)
-    if cache is not None and key in cache:
-        return cache[key]
-    edits, _, failed = cherrant_annotate(source, target)
-    if failed:
-        edits, _, failed = cherrant_annotate(source, "无")
-        if failed:
-            raise ValueError(f"ChERRANT cannot annotate source {source!r}")
-    if cache is not None:
-        cache[key] = edits
+    edits = cherrant_edits_many([(source, target)], cache)[0]
+    if edits is None:
+        raise ValueError(f"ChERRANT cannot annotate source {source!r}")
     return edits
 
 

@@ -12,8 +12,12 @@ How long does scoring LawBench take, and what do our two rewritten hot paths buy
 4. The whole scorer on every published prediction set, ours vs the straightforward per-item way:
    the same scorer with its two rewritten hot paths put back to the obvious code -- ROUGE-L by
    rouge_chinese's Rouge().get_scores one item at a time, as LawBench calls it, and 2-1's alignment
-   by the literal cell-by-cell dynamic programme. Every task score and abstention rate must be
+   by the literal cell-by-cell dynamic programme, one pair at a time. Every task score and abstention rate must be
    equal; the wall times are compared (same number of processes).
+5. Task 2-1 per model and setting, CPU seconds in one process: ours (pairs aligned in batches,
+   edit lists read off the alignment graph) vs cherrant.py as of commit --before (one pair at a
+   time, a row loop, every cheapest alignment enumerated and merged path by path, as upstream
+   does), loaded with `git show`. Scores must be equal.
 Prints each figure and the ratio baseline/ours, all measured in this run.
 """
 import argparse
@@ -33,7 +37,9 @@ def main():
                     help="folder with LawBench's predictions/ (default ../shared/lawbench)")
     ap.add_argument("--num-proc", type=int, default=2, help="worker processes for the full run (default 2)")
     ap.add_argument("--sentences", type=int, default=40, help="2-1 sentences per model for the alignment comparison")
-    ap.add_argument("--parts", default="1,2,3,4", help="which measurements to run (default 1,2,3,4)")
+    ap.add_argument("--before", default="af881d9",
+                    help="commit whose cherrant.py part 5 compares against (default af881d9, before the batched, graph-based annotator)")
+    ap.add_argument("--parts", default="1,2,3,4,5", help="which measurements to run (default 1,2,3,4,5)")
     args = ap.parse_args()
     preds = os.path.join(args.shared, "predictions")
 
@@ -48,6 +54,8 @@ def main():
             alignment_vs_literal(os.path.join(preds, "zero_shot", model), model, args.sentences)
     if "4" in parts:
         whole_scorer_vs_straightforward(preds, args.num_proc)
+    if "5" in parts:
+        task_2_1_vs_before(preds, args.before)
 
 
 def full_run(preds, num_proc):
@@ -148,12 +156,13 @@ def whole_scorer_vs_straightforward(preds, num_proc):
         return reports, time.time() - t
 
     ours, ours_t = score_all()
-    fast_rouge, fast_align = E.rouge_l, C.cherrant_align
-    E.rouge_l, C.cherrant_align = per_item_rouge, literal_align_arrays  # worker processes fork with these
+    fast_rouge, fast_align = E.rouge_l, C.cherrant_align_many
+    # worker processes fork with these
+    E.rouge_l, C.cherrant_align_many = per_item_rouge, lambda pairs: [literal_align_arrays(s, t) for s, t in pairs]
     try:
         base, base_t = score_all()
     finally:
-        E.rouge_l, C.cherrant_align = fast_rouge, fast_align
+        E.rouge_l, C.cherrant_align_many = fast_rouge, fast_align
     n = differ = 0
     for setting in ours:
         for model, entry in ours[setting]["models"].items():
@@ -163,6 +172,56 @@ def whole_scorer_vs_straightforward(preds, num_proc):
                 differ += (r["score"], r.get("abstention_rate")) != (b["score"], b.get("abstention_rate"))
     print(f"[4] whole scorer, {n} files: straightforward {base_t:.1f} s, ours {ours_t:.1f} s wall "
           f"({num_proc} processes), ratio {base_t / ours_t:.1f}x; files with a different score or abstention: {differ}")
+
+
+def task_2_1_vs_before(preds, before):
+    """Task 2-1 scored by this cherrant.py and by the one of commit `before` (loaded with git show),
+    each in this process, one model and setting at a time, references annotated afresh each time."""
+    import importlib.util
+    import subprocess
+    import tempfile
+    code = subprocess.run(["git", "-C", ROOT, "show", f"{before}:cherrant.py"], check=True,
+                          capture_output=True, text=True).stdout
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "cherrant_before.py")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(code)
+        spec = importlib.util.spec_from_file_location("cherrant_before", path)
+        old = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(old)
+    old.ASSETS = C.ASSETS
+    for module in (C, old):  # pinyin, Cilin and OpenCC loaded outside the timing
+        module.cherrant_edits("上诉", "上述")
+
+    def score_before(items):  # evaluate.score_2_1 as it was: one pair at a time
+        tp = fp = fn = 0
+        gold = {}
+        for it in items:
+            source, pred, ref = E.cherrant_prepare(it["prompt"], it["prediction"], it["refr"])
+            t, f, n = old.compare_edits(old.cherrant_edits(source, pred), old.cherrant_edits(source, ref, cache=gold))
+            tp, fp, fn = tp + t, fp + f, fn + n
+        return old.f_beta(tp, fp, fn)
+
+    def timed(fn, items):
+        E._EDITS.clear()  # as in a fresh process: the references are annotated too
+        t = time.process_time()
+        return fn(items), time.process_time() - t
+
+    worst = [0.0, 0.0]
+    for setting in ("zero_shot", "one_shot"):
+        for model in sorted(os.listdir(os.path.join(preds, setting))):
+            path = os.path.join(preds, setting, model, "2-1.json")
+            if not os.path.isfile(path):
+                continue
+            items, _, _ = E.load_prediction_file(path)
+            base, base_t = timed(score_before, items)
+            ours, ours_t = timed(lambda x: E.score_2_1(x)["score"], items)
+            assert ours == base, (setting, model, ours, base)
+            worst = [max(worst[0], base_t), max(worst[1], ours_t)]
+            print(f"[5] 2-1 {setting:9s} {model:28s} before ({before}) {base_t:6.1f} s, ours {ours_t:5.1f} s CPU, "
+                  f"ratio {base_t / ours_t:4.1f}x (F0.5 {ours:.4f} both)")
+    print(f"[5] 2-1, slowest model and setting: before {worst[0]:.1f} s, ours {worst[1]:.1f} s CPU, "
+          f"ratio {worst[0] / worst[1]:.1f}x")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,6 @@ rules, and the behaviours of the official annotator the published scores depend 
 import random
 
 import numpy as np
-import pytest
 
 import cherrant as C
 import evaluate as E
@@ -162,14 +161,109 @@ def test_f_half_is_rounded_like_chERRANT_prints_it():
     assert C.f_beta(0, 5, 0) == 0.0
 
 
-def test_dense_path_count_equals_the_reachable_walk_and_the_enumeration():
+def enumerate_alignments(ops, ktrans, first_only):
+    """Every cheapest alignment, path by path, as upstream walks them: each a list of
+    (op, src_start, src_end, tgt_start, tgt_end)."""
+    n, m = ops.shape[0] - 1, ops.shape[1] - 1
+    paths, stack = [], [(n, m, [])]
+    while stack:
+        a, b, tail = stack.pop()
+        if a == 0 and b == 0:
+            paths.append(tail[::-1])
+            continue
+        for op, pa, pb in C._cell_ops(ops, ktrans, a, b, first_only):
+            stack.append((pa, pb, tail + [(op, pa, a, pb, b)]))
+    return paths
+
+
+def distinct_by_enumeration(ops, ktrans, first_only):
+    return sorted({tuple(C.run_edits(path)) for path in enumerate_alignments(ops, ktrans, first_only)})
+
+
+def test_path_counts_and_edit_lists_from_the_graph_equal_walking_every_path():
     C.cherrant_resources()
-    for src, tgt in random_pairs(300, seed=5):
+    for src, tgt in random_pairs(1500, seed=7):
         ops, ktrans, _ = C.cherrant_align(src, tgt)
         for first_only in (False, True):
             walk = C.count_alignments(ops, ktrans, first_only)
             assert walk == C._count_alignments_dense(ops, ktrans, first_only)
-            assert walk == len(C.enumerate_alignments(ops, ktrans, first_only))
+            assert walk == len(enumerate_alignments(ops, ktrans, first_only))
+            lists = C.distinct_run_edit_lists(ops, ktrans, first_only)
+            assert sorted(map(tuple, lists)) == distinct_by_enumeration(ops, ktrans, first_only), (src, tgt)
+            assert len({tuple(x) for x in lists}) == len(lists)  # each distinct list once
+
+
+def test_pairs_aligned_together_equal_the_literal_programme_despite_padding(monkeypatch):
+    # Pairs of different sizes share one batch; a small cell budget forces several batches too.
+    C.cherrant_resources()
+    pairs = list(random_pairs(400, seed=11))
+    for budget in (C.ALIGN_BATCH_CELLS, 3000):
+        monkeypatch.setattr(C, "ALIGN_BATCH_CELLS", budget)
+        for (src, tgt), (ops, ktrans, iters) in zip(pairs, C.cherrant_align_many(pairs)):
+            assert ops.shape == (len(src) + 1, len(tgt) + 1)
+            scans = {}
+            assert decode(ops, ktrans) == literal_alignment(src, tgt, scans), (src, tgt)
+            assert {cell: int(iters[cell[0] - 1, cell[1] - 1]) for cell in scans} == {c: v[1] for c, v in scans.items()}
+
+
+def test_a_far_from_source_answer_has_thousands_of_paths_but_one_edit_list(shared):
+    # chatglm2-6b's published answer to a 2-1 item: the paths differ only inside runs that merge.
+    import json
+    import os
+    data = json.load(open(os.path.join(shared, "predictions", "zero_shot", "chatglm2-6b-hf", "2-1.json"), encoding="utf-8"))
+    checked = 0
+    for it in data.values():
+        src, pred, _ = E.cherrant_prepare(E.prompt_text(it["origin_prompt"]), it["prediction"], it["refr"])
+        if src == pred or not pred:
+            continue
+        s, t = C.cherrant_tokens(src), C.cherrant_tokens(pred)
+        ops, ktrans, _ = C.cherrant_align(s, t)
+        first_only = abs(len(s) - len(t)) > 10
+        if not 1000 <= C.count_alignments(ops, ktrans, first_only) <= 5000:
+            continue
+        lists = C.distinct_run_edit_lists(ops, ktrans, first_only)
+        assert sorted(map(tuple, lists)) == distinct_by_enumeration(ops, ktrans, first_only)
+        checked += 1
+        if checked == 3:
+            break
+    assert checked == 3
+
+
+def literal_chain(start, best, diag, match):
+    out, left = [], start
+    for b, d, mt in zip(best, diag, match):
+        left = d if mt else (b if b <= left + 1 else left + 1)
+        out.append(left)
+    return out
+
+
+def test_row_guess_is_repaired_where_adding_one_repeatedly_rounds_differently(monkeypatch):
+    # 2/6 + 0.25 (a substitution cost) + 1 + 1 + ... (upstream, one insertion at a time) ends in
+    # a different last bit than the same + 8: the guess is wrong there and must be repaired.
+    x = 2 / 6 + 0.25
+    assert sum([x] + [1.0] * 8) != x + 8
+    rng = np.random.default_rng(0)
+    best = np.array([[x] + [20.0] * 12, [3.0] * 13])
+    diag = np.array([[0.0] * 13, [2.0] * 13])
+    match = np.zeros((2, 13), dtype=bool)
+    match[1, 5] = True
+    repaired = []
+    repair = C._repair_chain
+    monkeypatch.setattr(C, "_repair_chain", lambda *a: repaired.append(1) or repair(*a))
+    rows = C._insertion_chains(1.0, best, diag, match)
+    assert repaired == [1]  # the first row's guess failed the check; the second passed as is
+    for r in range(2):
+        assert rows[r].tolist() == literal_chain(1.0, best[r], diag[r], match[r])
+    fractions = np.array([0, 1 / 3, 2 / 3, 1 / 6, 0.25, 0.499, 0.5, 7 / 12, 0.749, 0.916])
+    for _ in range(300):
+        m = int(rng.integers(1, 40))
+        best = rng.integers(0, 30, size=(3, m)) + rng.choice(fractions, size=(3, m))
+        diag = rng.integers(0, 30, size=(3, m)) + rng.choice(fractions, size=(3, m))
+        match = rng.random((3, m)) < 0.2
+        start = float(rng.integers(1, 30))
+        rows = C._insertion_chains(start, best, diag, match)
+        for r in range(3):
+            assert rows[r].tolist() == literal_chain(start, best[r], diag[r], match[r])
 
 
 def test_items_without_a_usable_source_sentence_are_reported_not_fatal():
