@@ -15,9 +15,9 @@ input_ids / labels / length, labels -100 except on assistant replies).
 
 DeepSpeed ZeRO-3 (bf16) from ds_config.json is the default; its "auto" values come from the flags.
 A killed or preempted run continues where it stopped when the same command is run again
-(--resume auto); SIGTERM writes a checkpoint first. Output: out/stage<N>/{log.jsonl, loss.png,
-train_config.json, checkpoints/, final/}; final/ is a Hugging Face folder (safetensors, 16-bit,
-tokenizer and chat template) that evaluate.py and stage 2 load.
+(--resume auto), also on another number of GPUs; SIGTERM writes a checkpoint first. Output:
+out/stage<N>/{log.jsonl, loss.png, train_config.json, checkpoints/, final/}; final/ is a Hugging
+Face folder (safetensors, 16-bit, tokenizer and chat template) that evaluate.py and stage 2 load.
 
 How a step works, and why:
   * Packing. Samples are bin-packed whole (best-fit decreasing) into sequences of at most
@@ -594,14 +594,41 @@ def lr_at(step, total, warmup, peak, min_ratio):
     return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
 
 
-def step_plan(n_packs, world, accum):
-    """Split an epoch's packs into optimizer steps: each step gives every rank `accum` packs,
-    rank r taking every world-th one. The last step takes what is left; its empty slots are None,
-    run as zero-weight repeats so that every rank does exactly `accum` micro-batches per step
-    (DDP's all-reduce and DeepSpeed's accumulation boundary both count on it). No pack is dropped."""
+def step_plan(n_packs, world, accum, start=0):
+    """Split an epoch's packs, from pack `start` on, into optimizer steps: each step gives every
+    rank `accum` packs, rank r taking every world-th one. The last step takes what is left; its
+    empty slots are None, run as zero-weight repeats so that every rank does exactly `accum`
+    micro-batches per step (DDP's all-reduce and DeepSpeed's accumulation boundary both count on
+    it). No pack is dropped. `start` is where a resumed run stands in the epoch: the data position
+    is a number of packs, so it means the same on any number of ranks."""
     per_step = world * accum
     return [[[s + j if s + j < n_packs else None for j in range(r, per_step, world)] for r in range(world)]
-            for s in range(0, n_packs, per_step)]
+            for s in range(start, n_packs, per_step)]
+
+
+def resume_plan(position, world, accum, log):
+    """How a run saved at `position` continues on `world` ranks asked for `accum` packs each per
+    step. The global batch (packs per optimizer step) is kept when the new world size divides it,
+    by changing the accumulation; otherwise the requested one is used, the remaining data is
+    spread over correspondingly more or fewer steps, and the change is reported. Returns (accum,
+    total_steps), total_steps None when the schedule is unchanged."""
+    saved_world, saved_accum, batch = position["world_size"], position["grad_accum"], position["global_batch"]
+    if world == saved_world and accum == saved_accum:
+        return accum, None
+    if world != saved_world and batch % world == 0:
+        log(f"resuming a run of {saved_world} rank(s) x {saved_accum} packs on {world} rank(s): "
+            f"--grad-accum {batch // world} keeps its global batch of {batch} packs per step")
+        return batch // world, None
+    # The global batch changes: the world size does not divide it, or --grad-accum was changed.
+    step, saved_total = position["step"], position["total_steps"]
+    new_total = step + math.ceil((saved_total - step) * batch / (world * accum))
+    why = (f"{world} does not divide {batch}" if world != saved_world else f"--grad-accum changed from {saved_accum}")
+    log(f"warning: resuming a run of {saved_world} rank(s) x {saved_accum} packs = {batch} packs per step on "
+        f"{world} rank(s) x {accum}: {why}, so the global batch becomes {world * accum} packs. The remaining "
+        f"data is the same; it takes {new_total - step} more steps instead of {saved_total - step} ({new_total} "
+        f"in all), and the learning-rate schedule is stretched to match. To keep the run unchanged, use a "
+        f"--grad-accum with world size x grad-accum = {batch}")
+    return accum, new_total
 
 
 def save_model(model, tokenizer, out, dtype=None, extra_files=None, state=None):
@@ -787,12 +814,13 @@ def set_rng_state(st):
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
-def save_checkpoint(ckpt_root, step, engine, model, opt, sched, rank, keep, world=1):
+def save_checkpoint(ckpt_root, step, engine, model, opt, sched, rank, keep, world=1, position=None):
     """Resumable state of `step` completed steps, written into a temporary folder that gets a
-    manifest (every file's size and sha256) last and is renamed into place only when every rank
-    has written successfully; `latest` moves after that. A run killed at any moment, or a write
-    that fails on any rank, leaves the previous checkpoint intact and pointed to: a failed save
-    stops the run with a message, never with a half-written checkpoint in use. Keeps the newest `keep`."""
+    manifest (every file's size and sha256, and the data `position`) last and is renamed into
+    place only when every rank has written successfully; `latest` moves after that. A run killed
+    at any moment, or a write that fails on any rank, leaves the previous checkpoint intact and
+    pointed to: a failed save stops the run with a message, never with a half-written checkpoint
+    in use. Keeps the newest `keep`."""
     tag = f"step-{step:07d}"
     tmp_tag = tag + ".tmp"
     tmp = os.path.join(ckpt_root, tmp_tag)
@@ -818,7 +846,7 @@ def save_checkpoint(ckpt_root, step, engine, model, opt, sched, rank, keep, worl
         digests = shared_digests(tmp, checkpoint_files(tmp), rank, world)
         if rank == 0:
             try:
-                write_json(os.path.join(tmp, MANIFEST), {"step": step, "files": digests})
+                write_json(os.path.join(tmp, MANIFEST), {"step": step, "position": position, "files": digests})
             except Exception as exc:
                 error = f"rank 0: {type(exc).__name__}: {exc}"
         failed = all_sum(error is not None, collective_device())
@@ -842,11 +870,60 @@ def save_checkpoint(ckpt_root, step, engine, model, opt, sched, rank, keep, worl
     barrier()
 
 
-def load_checkpoint(path, engine, model, opt, sched, rank):
-    """Restore a checkpoint written by save_checkpoint; returns the number of completed steps."""
+def checkpoint_position(path, run_dir):
+    """Where the run saved in `path` stands (see main: step, epoch, packs done in it, world size,
+    accumulation, global batch, total steps), from its manifest; for a checkpoint written before
+    manifests had it, derived from the step and the run's train_config.json."""
+    manifest = json.load(open(os.path.join(path, MANIFEST)))
+    if manifest.get("position"):
+        return manifest["position"]
+    saved = json.load(open(os.path.join(run_dir, "train_config.json")))
+    epoch, first = divmod(manifest["step"], saved["steps_per_epoch"])
+    batch = saved["world_size"] * saved["grad_accum"]
+    return {"step": manifest["step"], "epoch": epoch, "packs_done": first * batch, "world_size": saved["world_size"],
+            "grad_accum": saved["grad_accum"], "global_batch": batch, "total_steps": saved["total_steps"]}
+
+
+def to_universal(path, run_dir, rank, log):
+    """A ZeRO checkpoint written on another number of ranks, converted by DeepSpeed's own
+    ds_to_universal into its rank-independent "universal" layout (one file per parameter and
+    optimizer state, unsharded) in <run>/universal/<tag>, which any world size can load. Done once
+    by rank 0; the folder is derived data and removed after loading."""
+    out = os.path.join(run_dir, "universal", os.path.basename(path))
+    if rank == 0:
+        from types import SimpleNamespace
+        from deepspeed.checkpoint import ds_to_universal
+        shutil.rmtree(os.path.dirname(out), ignore_errors=True)
+        os.makedirs(os.path.dirname(out))
+        log(f"converting {path} to DeepSpeed's universal checkpoint layout in {out}")
+        with contextlib.redirect_stdout(sys.stderr):  # its progress lines, not the run's story
+            ds_to_universal.main(SimpleNamespace(input_folder=path, output_folder=out, num_extract_workers=1,
+                                                 num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                                 inject_missing_state=True))
+    barrier()
+    return out
+
+
+def load_checkpoint(path, engine, model, opt, sched, rank, universal=None):
+    """Restore a checkpoint written by save_checkpoint; returns the number of completed steps.
+    `universal`: the checkpoint in DeepSpeed's universal layout (to_universal), loaded instead of
+    the ZeRO shards when the world size changed."""
     if engine is not None:
-        _, client = engine.load_checkpoint(os.path.dirname(path), tag=os.path.basename(path))
+        source = universal or path
+        inner = engine.optimizer.optimizer  # the torch AdamW inside DeepSpeed's ZeRO optimizer
+        hparams = [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")} for g in inner.param_groups]
+        _, client = engine.load_checkpoint(os.path.dirname(source), tag=os.path.basename(source))
         step = client["step"]
+        if universal:
+            # DeepSpeed 0.19's universal loading gives every parameter group the hyperparameters
+            # of group 0 (our norms and biases would get the matrices' weight decay) and one shared
+            # `step` tensor, which AdamW then increments once per group, skewing its bias
+            # correction (ZeRO-3 losses drifted by 1e-3 within 3 steps). Put both right.
+            for group, own in zip(inner.param_groups, hparams):
+                group.update(own)
+            for state in inner.state.values():
+                if isinstance(state.get("step"), torch.Tensor):
+                    state["step"] = state["step"].clone()
     else:
         st = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=False)
         missing, unexpected = model.load_state_dict(st["model"], strict=False)
@@ -1252,20 +1329,28 @@ def adamw(model, args):
                              lr=args.lr, betas=tuple(args.betas))
 
 
-def resume_step(args, start, run_dir, config, engine, model, opt, sched, rank, log):
+def resume_step(args, start, run_dir, config, engine, model, opt, sched, rank, world, position, log):
     """Load checkpoint `start` (None: a fresh run) and return the steps it holds; a checkpoint
-    written with other settings is refused."""
+    written with other settings is refused. The world size and accumulation may differ
+    (resume_plan); ZeRO shards of another world size are loaded through the universal layout."""
     if not start:
         return 0
     saved_file = os.path.join(run_dir, "train_config.json")
     saved = json.load(open(saved_file)) if os.path.exists(saved_file) else config
-    same = ("model_resolved", "data", "cpt_data", "max_len", "grad_accum", "seed", "world_size", "total_steps", "lora")
+    same = ("model_resolved", "data", "cpt_data", "max_len", "max_steps", "epochs", "seed", "lora", "zero_stage")
     diff = {k: (saved.get(k), config[k]) for k in same if saved.get(k) != config[k]}
     if diff:
         sys.exit(f"error: {start} was written by a run with other settings {diff}; "
                  "resume with the same ones, or start afresh with --resume none")
-    step = load_checkpoint(start, engine, model, opt, sched, rank)
-    log(f"resumed from {start}: {step} steps done")
+    universal = None
+    if engine is not None and position["world_size"] != world:
+        universal = to_universal(start, run_dir, rank, log)
+    step = load_checkpoint(start, engine, model, opt, sched, rank, universal)
+    if universal:
+        barrier()
+        if rank == 0:
+            shutil.rmtree(os.path.dirname(universal), ignore_errors=True)
+    log(f"resumed from {start}: {step} steps done" + (f", saved on {position['world_size']} rank(s)" if universal else ""))
     return step
 
 
@@ -1323,6 +1408,24 @@ def main(argv=None):
         if previous_holder:
             log(f"{run_dir}: the previous run ({previous_holder}) has ended; taking over its folder")
     barrier()
+    # --- resume: the newest checkpoint (--resume auto), a given one, or none. Decided first: a
+    # checkpoint of another world size changes the accumulation and how DeepSpeed loads it.
+    if args.resume == "none" and master:
+        shutil.rmtree(ckpt_root, ignore_errors=True)
+    barrier()
+    if args.resume == "auto":  # the newest checkpoint that verifies; never afresh over existing ones
+        start = checkpoint_to_resume(ckpt_root, rank, world, log)
+    elif args.resume == "none":
+        start = None
+    else:
+        start = args.resume
+        reason = verify_checkpoint(start, rank, world)
+        if reason:
+            sys.exit(f"error: --resume {start}: {reason}")
+    position = checkpoint_position(start, run_dir) if start else None
+    resumed_total = None
+    if position:  # on another world size, the accumulation that keeps the global batch
+        args.grad_accum, resumed_total = resume_plan(position, world, args.grad_accum, log)
     model_path = resolve_model(args, tok_dir, master, log)
     tokenizer = AutoTokenizer.from_pretrained(tok_dir or model_path, trust_remote_code=args.trust_remote_code)
 
@@ -1332,6 +1435,8 @@ def main(argv=None):
     fill0 = fill_efficiency(packs0, sel_len, args.max_len)
     steps_per_epoch = len(step_plan(len(packs0), world, args.grad_accum))
     total_steps = args.max_steps or max(1, math.ceil(args.epochs * steps_per_epoch))
+    if position:  # the schedule of the run being resumed (stretched when its global batch changes now)
+        total_steps = resumed_total or position["total_steps"]
     warmup = int(args.warmup_ratio * total_steps)
     model_cfg = model_config(model_path, tokenizer, args.trust_remote_code)
     check_rope_with_packing(model_cfg, sel_len, model_path)  # before loading weights: the lengths decide
@@ -1350,6 +1455,8 @@ def main(argv=None):
             deepspeed.init_distributed(dist_backend=dist.get_backend())  # adopts our process group
             hidden = model_cfg.hidden_size
             ds_cfg = deepspeed_config(args.deepspeed, args, world, dtype, zero_stage, hidden)
+            if position and position["world_size"] != world:  # ZeRO shards of another world size
+                ds_cfg["checkpoint"] = {**ds_cfg.get("checkpoint", {}), "load_universal": True}
             if zero_stage == 3:
                 # must exist before from_pretrained: transformers then builds the model already
                 # partitioned (deepspeed.zero.Init), so no rank ever holds all 7B weights
@@ -1404,23 +1511,10 @@ def main(argv=None):
         f"compute {dtype}, {'DeepSpeed ZeRO-' + str(zero_stage) if zero_stage else 'plain PyTorch' + (' DDP' if ddp else '')}, "
         f"gradient checkpointing {'on' if gc else 'off'}; packed-sample isolation checked (err {err:.1e})")
 
-    # --- resume: the newest checkpoint (--resume auto), a given one, or none
-    if args.resume == "none" and master:
-        shutil.rmtree(ckpt_root, ignore_errors=True)
-    barrier()
-    if args.resume == "auto":  # the newest checkpoint that verifies; never afresh over existing ones
-        start = checkpoint_to_resume(ckpt_root, rank, world, log)
-    elif args.resume == "none":
-        start = None
-    else:
-        start = args.resume
-        reason = verify_checkpoint(start, rank, world)
-        if reason:
-            sys.exit(f"error: --resume {start}: {reason}")
     config = {**vars(args), "model_resolved": model_path, "world_size": world, "attention": attn, "compute_dtype": dtype,
               "zero_stage": zero_stage, "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
               "data_counts": counts, "fill": fill0}
-    step = resume_step(args, start, run_dir, config, engine, model, opt, sched, rank, log)
+    step = resume_step(args, start, run_dir, config, engine, model, opt, sched, rank, world, position, log)
     os.makedirs(run_dir, exist_ok=True)
     log_path = os.path.join(run_dir, "log.jsonl")
     if master:
@@ -1445,10 +1539,12 @@ def main(argv=None):
     last_saved = step if start else -1
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    # The data position: `done` packs of epoch `epoch` are trained. It is saved in every checkpoint
+    # as a number of packs, which means the same on any number of ranks.
+    epoch, done = (position["epoch"], position["packs_done"]) if position else (0, 0)
     while step < end:
-        epoch, first = divmod(step, steps_per_epoch)
         packs = pack_best_fit(sel_len, args.max_len, args.seed, epoch)
-        for plan in step_plan(len(packs), world, args.grad_accum)[first:]:
+        for plan in step_plan(len(packs), world, args.grad_accum, start=done):
             t0 = time.time()
             mine = plan[rank]
             batches = [collate_pack(ds.select(idx[packs[p if p is not None else plan[0][0]]]), args.max_len) for p in mine]
@@ -1472,13 +1568,15 @@ def main(argv=None):
                 sched.step()
                 opt.zero_grad(set_to_none=True)
             step += 1
+            trained = sorted(p for r in plan for p in r if p is not None)
+            done += len(trained)
             dt = time.time() - t0
             seqlens = [int(x) for b, r in zip(batches, real) if r for x in b["cu_seqlens"].diff()]
             tokens = all_sum(sum(seqlens), device)
             flops = all_sum(step_flops(model.config, n_matmul, seqlens), device)
             mem = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
                    else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-            rec = {"step": step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+            rec = {"step": step, "epoch": epoch, "packs": trained, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                    "trained_tokens": int(n_step), "tokens": int(tokens), "tokens_per_s": tokens / dt,
                    "tokens_per_s_per_device": tokens / dt / world, "tflops_per_device": flops / dt / world / 1e12,
                    "mfu": flops / dt / world / 1e12 / peak if peak else None,
@@ -1503,8 +1601,11 @@ def main(argv=None):
             if launcher is not None and os.getppid() != launcher:
                 stop["signal"] = True
             stop_now = all_sum(stop["signal"], device) > 0
+            position = {"step": step, "epoch": epoch + (done == len(packs)), "packs_done": done % len(packs),
+                        "world_size": world, "grad_accum": args.grad_accum, "global_batch": world * args.grad_accum,
+                        "total_steps": total_steps}
             if step % args.save_every == 0 or step == end or stop_now:
-                save_checkpoint(ckpt_root, step, engine, model, opt, sched, rank, args.keep_last, world)
+                save_checkpoint(ckpt_root, step, engine, model, opt, sched, rank, args.keep_last, world, position)
                 last_saved = step
             if stop_now:
                 bar.close()
@@ -1513,9 +1614,11 @@ def main(argv=None):
                 sys.exit(143)
             if step >= end:
                 break
+        else:  # the epoch is done
+            epoch, done = epoch + 1, 0
     bar.close()
     if last_saved != step:
-        save_checkpoint(ckpt_root, step, engine, model, opt, sched, rank, args.keep_last, world)
+        save_checkpoint(ckpt_root, step, engine, model, opt, sched, rank, args.keep_last, world, position)
     if master:
         log_file.close()
         if tb:

@@ -126,6 +126,29 @@ def test_a_failed_save_keeps_the_previous_checkpoint_and_the_next_run_resumes_fr
     assert_resumed_like_straight(tmp_path, straight)
 
 
+def test_sigterm_during_a_save_lets_it_finish_then_checkpoints_and_stops(tmp_path, demo_prepared, tiny, straight,
+                                                                        monkeypatch):
+    import signal
+    real_save = train.torch.save
+
+    def save_then_sigterm(obj, path, *a, **k):
+        if str(path).endswith("state.pt") and "step-0000004" in str(path):
+            os.kill(os.getpid(), signal.SIGTERM)  # preemption arrives in the middle of the save
+        return real_save(obj, path, *a, **k)
+
+    monkeypatch.setattr(train.torch, "save", save_then_sigterm)
+    with pytest.raises(SystemExit, match="^143$"):  # (not kept: its traceback would hold the run's lock)
+        train.main(args(demo_prepared, tiny, tmp_path))
+    root = ckpts(tmp_path)
+    # the interrupted save completed and verifies; the step after it was checkpointed, then the run stopped
+    assert sorted(d for d in os.listdir(root) if d.startswith("step-")) == ["step-0000002", "step-0000004", "step-0000005"]
+    assert all(train.verify_checkpoint(os.path.join(root, d)) is None for d in ("step-0000004", "step-0000005"))
+    assert open(os.path.join(root, "latest")).read() == "step-0000005"
+    monkeypatch.setattr(train.torch, "save", real_save)
+    assert train.main(args(demo_prepared, tiny, tmp_path)) == 0
+    assert_resumed_like_straight(tmp_path, straight)
+
+
 # ---------------------------------------------------------------------------------------------
 # One writer per run folder; workers do not outlive their launcher
 
@@ -147,7 +170,7 @@ def test_a_second_run_on_a_busy_run_folder_is_refused_and_orphaned_workers_stop(
     from test_train_scale import PORT
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(next(PORT)),
-           train.__file__, *args(demo_prepared, tiny, out, "--max-steps", "120", "--save-every", "1000")]
+           train.__file__, *args(demo_prepared, tiny, out, "--max-steps", "80", "--save-every", "1000")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with open(tmp_path / "run.out", "w") as f:
         launcher = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
@@ -156,7 +179,7 @@ def test_a_second_run_on_a_busy_run_folder_is_refused_and_orphaned_workers_stop(
     lock = open(run / ".lock").read()
     assert lock.startswith("host ") and " pid " in lock
     # the same command again while the first runs: refused, naming the holder
-    second = subprocess.run([sys.executable, train.__file__, *args(demo_prepared, tiny, out, "--max-steps", "120")],
+    second = subprocess.run([sys.executable, train.__file__, *args(demo_prepared, tiny, out, "--max-steps", "80")],
                             capture_output=True, text=True, env=env)
     assert second.returncode != 0 and "is in use by host" in second.stderr, second.stderr[-2000:]
     # the launcher alone is killed (its workers run in sessions of their own): they checkpoint and stop
@@ -167,15 +190,45 @@ def test_a_second_run_on_a_busy_run_folder_is_refused_and_orphaned_workers_stop(
     wait_for(lambda: not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers), 120,
              "the orphaned workers to exit")
     steps = len(read_log(str(run)))
-    assert steps < 120
+    assert steps < 80
     assert open(run / "checkpoints" / "latest").read() == f"step-{steps:07d}"
     # the folder is free again: the same command resumes where they stopped
-    r = subprocess.run([sys.executable, train.__file__, *args(demo_prepared, tiny, out, "--max-steps", str(steps + 2))],
+    r = subprocess.run([sys.executable, train.__file__, *args(demo_prepared, tiny, out, "--max-steps", "1000")],
                        capture_output=True, text=True, env=env)
-    assert r.returncode != 0 and "other settings" in r.stderr  # a changed schedule is refused, as always
+    assert r.returncode != 0 and "other settings" in r.stderr, (r.stdout + r.stderr)[-3000:]  # a changed schedule is refused
     r = subprocess.run(cmd[:6] + [str(next(PORT))] + cmd[7:], capture_output=True, text=True, env=env,
                        timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     log = read_log(str(run))
-    assert [x["step"] for x in log] == list(range(1, 121))
+    assert [x["step"] for x in log] == list(range(1, 81))
     assert "has ended; taking over its folder" in r.stdout + r.stderr
+
+
+def test_resume_plan_keeps_the_global_batch_when_it_can_and_says_what_changed_when_not():
+    said = []
+    pos = {"step": 10, "epoch": 0, "packs_done": 40, "world_size": 4, "grad_accum": 2, "global_batch": 8,
+           "total_steps": 30}
+    assert train.resume_plan(pos, 4, 2, said.append) == (2, None) and not said
+    assert train.resume_plan(pos, 2, 2, said.append) == (4, None)  # 2 ranks x 4 = 8 packs per step
+    assert train.resume_plan(pos, 8, 2, said.append) == (1, None)
+    assert "keeps its global batch of 8 packs" in said[-1]
+    # 3 ranks cannot make 8 packs per step: 3 x 2 = 6, the remaining 20 steps' data takes 27
+    assert train.resume_plan(pos, 3, 2, said.append) == (2, 10 + 27)
+    assert "3 does not divide 8" in said[-1] and "global batch becomes 6" in said[-1] and "37 in all" in said[-1]
+    # an explicitly changed --grad-accum on the same ranks is a changed global batch, and said so
+    assert train.resume_plan(pos, 4, 4, said.append) == (4, 10 + 10)
+    assert "--grad-accum changed from 2" in said[-1]
+
+
+def test_a_changed_global_batch_continues_at_the_same_pack_and_keeps_its_stretched_schedule(tmp_path, demo_prepared,
+                                                                                             tiny, capsys):
+    assert train.main(args(demo_prepared, tiny, tmp_path, "--stop-after", "3")) == 0  # 1 pack per step
+    capsys.readouterr()
+    assert train.main(args(demo_prepared, tiny, tmp_path, "--grad-accum", "2", "--stop-after", "1")) == 0
+    said = capsys.readouterr().out
+    assert "--grad-accum changed from 1" in said and "takes 3 more steps instead of 5 (6 in all)" in said
+    assert train.main(args(demo_prepared, tiny, tmp_path, "--grad-accum", "2")) == 0  # the stretched schedule holds
+    log = read_log(str(tmp_path / "stage1"))
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
+    assert [r["packs"] for r in log] == [[0], [1], [2], [3, 4], [5, 6], [7, 8]]  # no pack skipped or repeated
+    assert log[-1]["lr"] < log[2]["lr"]

@@ -146,29 +146,89 @@ def wait_for_step(run_dir, step, proc, output, timeout=300):
     raise AssertionError(f"no step {step} in {timeout}s")
 
 
-def test_kill_9_mid_run_then_resume_gives_the_uninterrupted_loss_curve(tmp_path, demo_prepared, tiny):
-    args = ["--stage", "1", *common(demo_prepared, tiny, tmp_path / "killed", "--max-steps", "24",
-                                    "--save-every", "4", "--max-len", "1024")]
+# One uninterrupted ZeRO-3 run on 2 ranks, 14 steps of 2 packs of <= 4096 tokens, crossing into a
+# second epoch: the reference for the interrupted and the moved runs below.
+LONG = ("--max-len", "4096", "--max-steps", "14", "--save-every", "2")
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, demo_prepared, tiny):
+    out = tmp_path_factory.mktemp("straight")
+    torchrun(["--stage", "1", *common(demo_prepared, tiny, out, *LONG)])
+    log = read_log(out / "stage1")
+    assert max(r["epoch"] for r in log) == 1
+    return out / "stage1"
+
+
+def assert_same_weights(run_a, run_b, atol):
+    w1 = load_file(str(run_a / "final" / "model.safetensors"))
+    w2 = load_file(str(run_b / "final" / "model.safetensors"))
+    for k in w1:
+        torch.testing.assert_close(w1[k], w2[k], atol=atol, rtol=0)
+
+
+def test_kill_9_mid_run_then_resume_gives_the_uninterrupted_loss_curve(tmp_path, demo_prepared, tiny, straight):
+    args = ["--stage", "1", *common(demo_prepared, tiny, tmp_path / "killed", *LONG)]
     output = tmp_path / "killed.out"
     with open(output, "w") as f:
         proc = torchrun(args, wait=False, log=f)
     run = tmp_path / "killed" / "stage1"
-    wait_for_step(run, 10, proc, output)
+    wait_for_step(run, 6, proc, output)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     done_before = len(read_log(run))
-    assert 10 <= done_before < 24, "the run was not killed mid-way"
+    assert 6 <= done_before < 14, "the run was not killed mid-way"
     torchrun(args)  # the same command again: --resume auto
     resumed = read_log(run)
-    assert [r["step"] for r in resumed] == list(range(1, 25))  # nothing repeated, nothing skipped
-    torchrun(["--stage", "1", *common(demo_prepared, tiny, tmp_path / "straight", "--max-steps", "24",
-                                      "--save-every", "4", "--max-len", "1024")])
-    straight = read_log(tmp_path / "straight" / "stage1")
-    np.testing.assert_allclose([r["loss"] for r in resumed], [r["loss"] for r in straight], rtol=1e-6, atol=1e-6)
-    w1 = load_file(str(run / "final" / "model.safetensors"))
-    w2 = load_file(str(tmp_path / "straight" / "stage1" / "final" / "model.safetensors"))
-    for k in w1:
-        torch.testing.assert_close(w1[k], w2[k], atol=1e-6, rtol=0)
+    assert [r["step"] for r in resumed] == list(range(1, 15))  # nothing repeated, nothing skipped
+    np.testing.assert_allclose([r["loss"] for r in resumed], losses(straight), rtol=1e-6, atol=1e-6)
+    assert_same_weights(run, straight, atol=1e-6)
+
+
+# Resume on another number of ranks: the data position is a number of packs
+
+def assert_same_run(resumed, straight, rel):
+    """The same steps, the same packs in each, the same losses; every pack once per epoch."""
+    assert [r["step"] for r in resumed] == [r["step"] for r in straight]  # every step logged once
+    assert [r["packs"] for r in resumed] == [r["packs"] for r in straight]
+    assert [r["trained_tokens"] for r in resumed] == [r["trained_tokens"] for r in straight]
+    assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in straight], rel=rel, abs=rel)
+    assert [r["lr"] for r in resumed] == pytest.approx([r["lr"] for r in straight], rel=1e-12)
+    epochs = {}
+    for r in resumed:
+        epochs.setdefault(r["epoch"], []).extend(r["packs"])
+    assert sorted(epochs[0]) == list(range(len(epochs[0])))  # epoch 0: every pack exactly once
+    assert len(set(epochs[1])) == len(epochs[1]) > 0  # epoch 1 begun, no pack twice
+
+
+def test_zero3_resumes_on_fewer_and_on_more_ranks_through_the_universal_checkpoint(tmp_path, demo_prepared, tiny,
+                                                                                    straight):
+    """2 ranks -> stopped -> 1 rank -> stopped -> 2 ranks under ZeRO-3 against 2 ranks throughout:
+    the shards of 2 ranks are converted by DeepSpeed's ds_to_universal and loaded by 1 rank,
+    whose shards are converted again for 2."""
+    def run(nproc, *extra):
+        return torchrun(["--stage", "1", *common(demo_prepared, tiny, tmp_path / "moved", *LONG, *extra)], nproc=nproc)
+
+    run(2, "--stop-after", "4")
+    said = run(1, "--stop-after", "8")  # steps 5-12, across the epoch boundary, on one rank accumulating 2 packs
+    assert "keeps its global batch of 2 packs" in said.stdout and "universal checkpoint layout" in said.stdout
+    run(2)
+    moved = tmp_path / "moved" / "stage1"
+    assert_same_run(read_log(moved), read_log(straight), rel=1e-5)
+    assert not (moved / "universal").exists()  # the converted copy is removed once loaded
+    assert_same_weights(moved, straight, atol=1e-5)
+
+
+def test_the_plain_loop_resumes_on_fewer_and_on_more_ranks(tmp_path, demo_prepared, tiny, straight):
+    """The same chain in the plain loop (DDP over gloo, then one process), whose state does not
+    depend on the world size; its reference is the ZeRO-3 run, equal to it (see above)."""
+    a = ["--stage", "1", *common(demo_prepared, tiny, tmp_path / "moved", *LONG, "--zero-stage", "0")]
+    torchrun(a + ["--stop-after", "4"])
+    assert train.main(a + ["--stop-after", "8"]) == 0
+    torchrun(a)
+    moved = tmp_path / "moved" / "stage1"
+    assert_same_run(read_log(moved), read_log(straight), rel=1e-5)
+    assert_same_weights(moved, straight, atol=1e-5)
 
 
 def test_sigterm_checkpoints_the_current_step_and_the_same_command_resumes(tmp_path, demo_prepared, tiny):
