@@ -275,12 +275,17 @@ def cherrant_align_many(pairs):
     cost is formed with the same float operations as upstream, so ties, and hence the set of
     cheapest alignments, are identical."""
     out = [None] * len(pairs)
+    # Batches of pairs of similar size (sorted by length), each at most ALIGN_BATCH_CELLS cells
+    # once padded to its longest source and target.
     order = sorted(range(len(pairs)), key=lambda p: (len(pairs[p][0]), len(pairs[p][1])))
     while order:
         batch = [order.pop(0)]
         width = len(pairs[batch[0]][1])
-        while order and (len(batch) + 1) * (len(pairs[order[0]][0]) + 1) * (max(width, len(pairs[order[0]][1])) + 1) <= ALIGN_BATCH_CELLS:
-            width = max(width, len(pairs[order[0]][1]))
+        while order:
+            n, m = len(pairs[order[0]][0]), max(width, len(pairs[order[0]][1]))
+            if (len(batch) + 1) * (n + 1) * (m + 1) > ALIGN_BATCH_CELLS:
+                break
+            width = m
             batch.append(order.pop(0))
         for p, result in zip(batch, _align_batch([pairs[p] for p in batch])):
             out[p] = result
