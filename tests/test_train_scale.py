@@ -219,6 +219,17 @@ def test_zero3_resumes_on_fewer_and_on_more_ranks_through_the_universal_checkpoi
     assert_same_weights(moved, straight, atol=1e-5)
 
 
+def test_zero2_resumes_on_fewer_ranks_through_the_universal_checkpoint(tmp_path, demo_prepared, tiny, straight):
+    """ZeRO-2 partitions only the optimizer state; its conversion takes the other branch of
+    ds_to_universal. 2 ranks -> stopped -> 1 rank, against the same uninterrupted run."""
+    a = ["--stage", "1", *common(demo_prepared, tiny, tmp_path / "moved", *LONG, "--zero-stage", "2")]
+    torchrun(a + ["--stop-after", "4"])
+    assert "saved on 2 rank(s)" in torchrun(a, nproc=1).stdout
+    moved = tmp_path / "moved" / "stage1"
+    assert_same_run(read_log(moved), read_log(straight), rel=1e-5)
+    assert_same_weights(moved, straight, atol=1e-5)
+
+
 def test_the_plain_loop_resumes_on_fewer_and_on_more_ranks(tmp_path, demo_prepared, tiny, straight):
     """The same chain in the plain loop (DDP over gloo, then one process), whose state does not
     depend on the world size; its reference is the ZeRO-3 run, equal to it (see above)."""
