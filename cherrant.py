@@ -155,23 +155,17 @@ def _multiset_hash_prefix(ids, values):
     return out
 
 
-def _pair_tables(src, tgt, sub_table, src_index, tgt_index):
+def _pair_tables(src, tgt, sub_table, src_index, tgt_index, token_id, values):
     """What the dynamic programme needs of one pair besides costs so far: substitution costs (from
-    a table over a vocabulary containing the pair's tokens), matches, and the transposition
-    candidates -- for each mismatched cell, the previous point on its diagonal where the window
-    in between is a permutation (equal multiset hashes)."""
+    the batch's table), matches, and the transposition candidates -- for each mismatched cell, the
+    previous point on its diagonal where the window in between is a permutation (equal multiset
+    hashes of the batch's random per-token `values`, indexed by `token_id`)."""
     n, m = len(src), len(tgt)
-    s_ids = np.array([src_index[t] for t in src], dtype=np.int64)
-    t_ids = np.array([tgt_index[t] for t in tgt], dtype=np.int64)
-    sub = sub_table[s_ids[:, None], t_ids[None, :]]
-    vocab = sorted(set(src) | set(tgt))
-    index = {t: i for i, t in enumerate(vocab)}
-    s_ids = np.array([index[t] for t in src], dtype=np.int64)
-    t_ids = np.array([index[t] for t in tgt], dtype=np.int64)
+    sub = sub_table[np.array([src_index[t] for t in src])[:, None], np.array([tgt_index[t] for t in tgt])[None, :]]
+    s_ids = np.array([token_id[t] for t in src], dtype=np.int64)
+    t_ids = np.array([token_id[t] for t in tgt], dtype=np.int64)
     match = s_ids[:, None] == t_ids[None, :]
 
-    rng = np.random.default_rng(20231113)
-    values = rng.integers(0, 2**63, size=(2, len(vocab)), dtype=np.uint64)
     e1 = (_multiset_hash_prefix(s_ids, values[0])[:, None] - _multiset_hash_prefix(t_ids, values[0])[None, :]).ravel()
     e2 = (_multiset_hash_prefix(s_ids, values[1])[:, None] - _multiset_hash_prefix(t_ids, values[1])[None, :]).ravel()
     aa = np.repeat(np.arange(n + 1), m + 1)
@@ -180,7 +174,7 @@ def _pair_tables(src, tgt, sub_table, src_index, tgt_index):
     # contiguous and, since the flattened order is row-major, its points in increasing row order.
     # Should two groups share a mixed key (odds ~2**-40 per sentence), sort on both instead.
     with np.errstate(over="ignore"):
-        key = e1 + dd * (rng.integers(0, 2**63, dtype=np.uint64) | np.uint64(1))
+        key = e1 + dd * (values[2, 0] | np.uint64(1))
     order = np.argsort(key, kind="stable")
     same_dd, same_e1 = dd[order][1:] == dd[order][:-1], e1[order][1:] == e1[order][:-1]
     if ((key[order][1:] == key[order][:-1]) & ~(same_dd & same_e1)).any():
@@ -303,10 +297,14 @@ def _align_batch(pairs):
     ut = sorted({t for _, tgt in pairs for t in tgt})
     table = substitution_costs(us, ut)
     src_index, tgt_index = {t: i for i, t in enumerate(us)}, {t: j for j, t in enumerate(ut)}
+    # Random per-token values for the multiset hashes (two hashes, and a multiplier for their sort
+    # key in row 2), one id per token of the batch.
+    token_id = {t: i for i, t in enumerate(sorted(set(us) | set(ut)))}
+    values = np.random.default_rng(20231113).integers(0, 2**63, size=(3, len(token_id)), dtype=np.uint64)
     cand = []
     for b, (src, tgt) in enumerate(pairs):
         n, m = sizes[b]
-        s, mt, (ca, cb, cp) = _pair_tables(src, tgt, table, src_index, tgt_index)
+        s, mt, (ca, cb, cp) = _pair_tables(src, tgt, table, src_index, tgt_index, token_id, values)
         sub[b, :n, :m], match[b, :n, :m] = s, mt
         cand.append(np.stack([ca, np.full_like(ca, b), cb, cp]))
     cand = np.concatenate(cand, axis=1)
