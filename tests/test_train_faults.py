@@ -232,3 +232,15 @@ def test_a_changed_global_batch_continues_at_the_same_pack_and_keeps_its_stretch
     assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
     assert [r["packs"] for r in log] == [[0], [1], [2], [3, 4], [5, 6], [7, 8]]  # no pack skipped or repeated
     assert log[-1]["lr"] < log[2]["lr"]
+
+
+def test_a_checkpoint_whose_manifest_predates_the_data_position_resumes_from_the_run_config(tmp_path, demo_prepared,
+                                                                                          tiny, straight):
+    root = stopped_at_6(demo_prepared, tiny, tmp_path)
+    path = os.path.join(root, "step-0000006", "manifest.json")
+    manifest = json.load(open(path))
+    del manifest["position"]  # as the previous train.py wrote it
+    json.dump(manifest, open(path, "w"))
+    assert train.checkpoint_position(os.path.dirname(path), str(tmp_path / "stage1"))["packs_done"] == 6
+    assert train.main(args(demo_prepared, tiny, tmp_path)) == 0
+    assert_resumed_like_straight(tmp_path, straight)
