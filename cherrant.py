@@ -11,9 +11,10 @@ characters), enumerates *all* cheapest alignments, merges each into span edits a
 distinct edit list. All of them carry annotator id 0, so the comparison sees their union *with
 multiplicity*: an edit present in three distinct alignments counts three times as TP, FP or FN. We
 reproduce that exactly, and fast: every cost is formed with the same float operations (so the same
-ties); the dynamic programme runs a row at a time over a batch of sentence pairs; the
-transposition scan is a multiset-hash lookup; and the distinct edit lists are read off the graph of
-cheapest alignments in one sweep instead of walking its (up to ~10^5) paths one by one.
+ties); the dynamic programme is upstream's, cell by cell, compiled by numba; the transposition
+scan compares multiset hashes of the windows instead of sorting them; and the distinct edit lists
+are read off the graph of cheapest alignments in one sweep instead of walking its (up to ~10^5)
+paths one by one.
 
 Enumerating all cheapest alignments explodes when the two strings share little; LawBench guards
 each sentence with a 10 s timer and, for sentences that hit it, replaces the prediction by "无" and
@@ -27,7 +28,7 @@ annotator would do and a fixed budget (CHERRANT_WORK_BUDGET) calibrated on the p
 
 Used by evaluate.py (score_2_1); tests/test_cherrant.py checks it against a literal
 implementation of the dynamic programme and LawBench's published 2-1 scores. Imports numpy only;
-opencc, pypinyin and Levenshtein are imported when first needed.
+numba, opencc, pypinyin and Levenshtein are imported when first needed.
 """
 import os
 import re
@@ -80,63 +81,91 @@ def _all_chinese(token):
     return all("\u4e00" <= ch <= "\u9fff" for ch in token)
 
 
-def substitution_costs(src_vocab, tgt_vocab):
-    """ChERRANT's char-level cost of replacing each token of src_vocab by each of tgt_vocab:
-    Cilin semantic distance (0..4)/6, + spelling distance (0 if the two share a pinyin reading or
-    are in each other's confusion set, else 0.5; 0.5 unless both are all-Chinese), + 0.25 for two
-    non-punctuation tokens, 0 for two punctuation marks, 0.499 for a mix. Summed in upstream's
-    order so that the floats, and hence ties between alignments, are bit-identical."""
+def token_features(tokens):
+    """What ChERRANT's substitution cost looks at, per token, as arrays for the compiled code:
+    Cilin code parts (3 interned ids, -1 if the token is not in Cilin), all-Chinese and
+    punctuation flags, each token's interned pinyin readings, and the other tokens of the list in
+    its confusion set or having it in theirs (the last two as ragged lists: offsets, values)."""
     r = cherrant_resources()
-    semantic, confusion = r["semantic"], r["confusion"]
-
-    cache, ids = r["features"], r["feature_ids"]
+    semantic, confusion, cache, ids = r["semantic"], r["confusion"], r["features"], r["feature_ids"]
 
     def intern(x):
         return ids.setdefault(x, len(ids))
 
-    def features(tokens):
-        for t in tokens:
-            if t not in cache:
-                code = semantic.get(t)
-                parts = [intern(("code", k, code[k])) for k in range(3)] if code else [-1, -1, -1]
-                readings = [intern(("pinyin", x)) for x in sorted(_pinyins(t))]
-                cache[t] = (int(code is not None), *parts, int(_all_chinese(t)), int(t in ALIGN_PUNCT), readings)
-        rows = [cache[t] for t in tokens]
-        flags = np.array([x[:6] for x in rows], dtype=np.int64)
-        width = max(len(x[6]) for x in rows)
-        readings = np.array([x[6] + [-1] * (width - len(x[6])) for x in rows], dtype=np.int64)
-        return flags, readings
+    for t in tokens:
+        if t not in cache:
+            code = semantic.get(t)
+            parts = [intern(("code", k, code[k])) for k in range(3)] if code else [-1, -1, -1]
+            readings = [intern(("pinyin", x)) for x in sorted(_pinyins(t))]
+            cache[t] = (parts, _all_chinese(t), t in ALIGN_PUNCT, readings)
+    rows = [cache[t] for t in tokens]
+    index = {t: i for i, t in enumerate(tokens)}
+    confusable = [set() for _ in tokens]
+    for t, a in index.items():
+        for u in confusion.get(t, ()):
+            b = index.get(u)
+            if b is not None:
+                confusable[a].add(b)
+                confusable[b].add(a)
 
-    fa, ra = features(src_vocab)
-    fb, rb = features(tgt_vocab)
-    known = (fa[:, 0:1] == 1) & (fb[None, :, 0] == 1)
-    equal_parts = sum((fa[:, k:k + 1] == fb[None, :, k]).astype(np.int64) for k in (1, 2, 3))
-    sem = np.where(known, 2 * (3 - equal_parts), 4)
-    za, zb, qa, qb = fa[:, 4] == 1, fb[:, 4] == 1, fa[:, 5] == 1, fb[:, 5] == 1
-    # Share a pinyin reading: for each reading, the target tokens that have it; then each source
-    # token marks the targets of its readings (instead of comparing every pair's reading lists).
-    by_reading = {}
-    for j, readings in enumerate(rb.tolist()):
-        for x in readings:
-            if x >= 0:
-                by_reading.setdefault(x, []).append(j)
-    similar = np.zeros((len(src_vocab), len(tgt_vocab)), dtype=bool)
-    for i, readings in enumerate(ra.tolist()):
-        for x in readings:
-            if x in by_reading:
-                similar[i, by_reading[x]] = True
-    src_index = {t: i for i, t in enumerate(src_vocab)}
-    tgt_index = {t: j for j, t in enumerate(tgt_vocab)}
-    tgt_set, src_set = set(tgt_vocab), set(src_vocab)
-    for t, i in src_index.items():
-        for u in confusion.get(t, set()) & tgt_set:
-            similar[i, tgt_index[u]] = True
-    for u, j in tgt_index.items():
-        for t in confusion.get(u, set()) & src_set:
-            similar[src_index[t], j] = True
-    spelling = np.where(za[:, None] & zb[None, :], np.where(similar, 0.0, 0.5), 0.5)
-    pos = np.where(qa[:, None] & qb[None, :], 0.0, np.where(~qa[:, None] & ~qb[None, :], 0.25, 0.499))
-    return sem / 6.0 + spelling + pos
+    def ragged(lists):
+        offsets = np.zeros(len(lists) + 1, dtype=np.int64)
+        offsets[1:] = np.cumsum([len(x) for x in lists])
+        return offsets, np.array([v for x in lists for v in sorted(x)], dtype=np.int64)
+
+    return (np.array([x[0] for x in rows], dtype=np.int64).reshape(len(tokens), 3),
+            np.array([x[1] for x in rows], dtype=np.bool_), np.array([x[2] for x in rows], dtype=np.bool_),
+            *ragged([x[3] for x in rows]), *ragged(confusable))
+
+
+def _substitution_cost(a, b, code, chinese, punct, read_at, reads, confuse_at, confuses):
+    """ChERRANT's char-level cost of replacing token a by token b (compiled; ids into
+    token_features): Cilin semantic distance (0..4)/6, + spelling distance (0 if the two share a
+    pinyin reading or are in each other's confusion set, else 0.5; 0.5 unless both are
+    all-Chinese), + 0.25 for two non-punctuation tokens, 0 for two punctuation marks, 0.499 for a
+    mix. Summed in upstream's order so that the floats, and hence ties between alignments, are
+    bit-identical."""
+    if code[a, 0] >= 0 and code[b, 0] >= 0:
+        equal = 0
+        for k in range(3):
+            if code[a, k] == code[b, k]:
+                equal += 1
+        semantic = 2 * (3 - equal)
+    else:
+        semantic = 4
+    spelling = 0.5
+    if chinese[a] and chinese[b]:
+        for p in range(read_at[a], read_at[a + 1]):
+            for q in range(read_at[b], read_at[b + 1]):
+                if reads[p] == reads[q]:
+                    spelling = 0.0
+        for p in range(confuse_at[a], confuse_at[a + 1]):
+            if confuses[p] == b:
+                spelling = 0.0
+    if punct[a] and punct[b]:
+        position = 0.0
+    elif not punct[a] and not punct[b]:
+        position = 0.25
+    else:
+        position = 0.499
+    return semantic / 6.0 + spelling + position
+
+
+def _substitution_table(src, tgt, *features):
+    out = np.empty((src.shape[0], tgt.shape[0]))
+    for i in range(src.shape[0]):
+        for j in range(tgt.shape[0]):
+            out[i, j] = _substitution_cost(src[i], tgt[j], *features)
+    return out
+
+
+def substitution_costs(src_vocab, tgt_vocab):
+    """The table of _substitution_cost for every token of src_vocab against every one of
+    tgt_vocab (for tests and inspection; the aligner computes each cell's cost as it goes)."""
+    tokens = sorted(set(src_vocab) | set(tgt_vocab))
+    index = {t: i for i, t in enumerate(tokens)}
+    ids = [np.array([index[t] for t in v], dtype=np.int64) for v in (src_vocab, tgt_vocab)]
+    return _compiled(_substitution_table)(*ids, *token_features(tokens))
 
 
 def cherrant_tokens(sentence):
@@ -147,108 +176,79 @@ def cherrant_tokens(sentence):
     return tokens
 
 
-def _multiset_hash_prefix(ids, values):
-    """Prefix sums (mod 2**64) of random per-token values: two windows hold the same multiset of
-    tokens iff their sums agree (we use two independent hashes: collision odds ~2**-128)."""
-    out = np.zeros(len(ids) + 1, dtype=np.uint64)
-    out[1:] = np.cumsum(values[ids], dtype=np.uint64)
-    return out
+_KERNELS = {}
 
 
-def _pair_tables(src, tgt, sub_table, src_index, tgt_index, token_id, values):
-    """What the dynamic programme needs of one pair besides costs so far: substitution costs (from
-    the batch's table), matches, and the transposition candidates -- for each mismatched cell, the
-    previous point on its diagonal where the window in between is a permutation (equal multiset
-    hashes of the batch's random per-token `values`, indexed by `token_id`)."""
-    n, m = len(src), len(tgt)
-    sub = sub_table[np.array([src_index[t] for t in src])[:, None], np.array([tgt_index[t] for t in tgt])[None, :]]
-    s_ids = np.array([token_id[t] for t in src], dtype=np.int64)
-    t_ids = np.array([token_id[t] for t in tgt], dtype=np.int64)
-    match = s_ids[:, None] == t_ids[None, :]
-
-    e1 = (_multiset_hash_prefix(s_ids, values[0])[:, None] - _multiset_hash_prefix(t_ids, values[0])[None, :]).ravel()
-    e2 = (_multiset_hash_prefix(s_ids, values[1])[:, None] - _multiset_hash_prefix(t_ids, values[1])[None, :]).ravel()
-    aa = np.repeat(np.arange(n + 1), m + 1)
-    dd = (np.tile(np.arange(m + 1), n + 1) - aa).astype(np.uint64)
-    # Group points by (diagonal, hash): a stable sort on one key mixing the two keeps each group
-    # contiguous and, since the flattened order is row-major, its points in increasing row order.
-    # Should two groups share a mixed key (odds ~2**-40 per sentence), sort on both instead.
-    with np.errstate(over="ignore"):
-        key = e1 + dd * (values[2, 0] | np.uint64(1))
-    order = np.argsort(key, kind="stable")
-    same_dd, same_e1 = dd[order][1:] == dd[order][:-1], e1[order][1:] == e1[order][:-1]
-    if ((key[order][1:] == key[order][:-1]) & ~(same_dd & same_e1)).any():
-        order = np.argsort(e1, kind="stable")
-        order = order[np.argsort(dd[order], kind="stable")]
-        same_dd, same_e1 = dd[order][1:] == dd[order][:-1], e1[order][1:] == e1[order][:-1]
-    same = same_dd & same_e1 & (e2[order][1:] == e2[order][:-1])
-    prev = np.full((n + 1) * (m + 1), -1, dtype=np.int64)
-    prev[order[1:][same]] = aa[order][:-1][same]
-    prev = prev.reshape(n + 1, m + 1)
-    ca, cb = np.nonzero((prev[1:, 1:] >= 0) & ~match)  # cell (ca + 1, cb + 1), found in row ca
-    return sub, match, (ca, cb, prev[1:, 1:][ca, cb])
+def _compiled(f):
+    """The numba-compiled version of kernel f. numba is imported on first use, so `import
+    cherrant` stays numpy-only; the machine code is cached on disk (__pycache__, or numba's user
+    cache when that is read-only), so only the first process ever compiles (~5 s)."""
+    if not _KERNELS:
+        import numba
+        jit = numba.njit(cache=True, nogil=True)
+        # The kernels call _substitution_cost by its global name, which numba resolves when it
+        # compiles them: that name must be the compiled function by then.
+        globals()["_substitution_cost"] = jit(_substitution_cost)
+        _KERNELS.update((g.__name__, jit(g)) for g in (_substitution_table, _align_cells, _count_paths))
+    return _KERNELS[f.__name__]
 
 
-def _insertion_chains(start, best, diag, match):
-    """One row of the cost matrix for a batch of pairs (arrays [pairs, columns]), given everything
-    but insertions: x[j] = diag[j] at a match, else min(best[j], x[j-1] + 1), with x[-1] = start
-    -- upstream's cell-by-cell recurrence, and the one sequential part of the programme.
-
-    We guess whole rows at once: a match restarts the chain, and every other cell is the cheapest
-    candidate k <= j since the last restart plus j - k insertions (a segmented prefix minimum).
-    Then we check the recurrence itself, with upstream's float operations. A row that passes is
-    exactly upstream's row, since the recurrence has one solution. Where a cell fails (adding 1
-    five times does not round like adding 5 at once, so near-ties can differ in the last bit), we
-    redo that row's cells from there one by one, skipping ahead once a recomputed cell equals its
-    guess, as everything after it then follows unchanged."""
-    rows, m = best.shape
-    k = np.arange(-1, m)
-    candidate = np.concatenate((np.full((rows, 1), start), np.where(match, diag, best)), axis=1)
-    segment = np.concatenate((np.zeros((rows, 1), dtype=np.int64), np.cumsum(match, axis=1)), axis=1)
-    # 4096 per segment keeps earlier segments out of later minima (|values| < 4096); the offset
-    # blurs the last bits, so it only picks a candidate, whose own value is then used.
-    key = candidate - k - 4096.0 * segment
-    low = np.minimum.accumulate(key, axis=1)
-    pick = np.maximum.accumulate(np.where(key == low, k + 1, 0), axis=1)
-    x = (np.take_along_axis(candidate, pick, axis=1) + (k + 1 - pick))[:, 1:]
-    prev = np.concatenate((np.full((rows, 1), start), x[:, :-1]), axis=1)
-    bad_r, bad_j = np.nonzero(np.where(match, diag, np.minimum(best, prev + 1)) != x)
-    for r in np.unique(bad_r).tolist():
-        x[r] = _repair_chain(start, x[r].tolist(), best[r].tolist(), diag[r].tolist(), match[r].tolist(),
-                             bad_j[bad_r == r].tolist())
-    return x
-
-
-def _repair_chain(start, x, best, diag, match, bad):
-    """Upstream's recurrence cell by cell from the first inconsistent cell of a guessed row."""
-    m, nxt, j = len(x), 0, bad[0]
-    while j < m:
-        left = x[j - 1] if j else start
-        if match[j]:
-            new = diag[j]
-        else:
-            left_ins = left + 1
-            new = best[j] if best[j] <= left_ins else left_ins
-        while nxt < len(bad) and bad[nxt] <= j:
-            nxt += 1
-        same = new == x[j]
-        x[j] = new
-        if same:  # the cells up to the next inconsistent one follow unchanged
-            if nxt == len(bad):
-                break
-            j = bad[nxt]
-        else:
-            j += 1
-    return x
+def _align_cells(s_tok, t_tok, s_hash, t_hash, costs, *features):
+    """Upstream's dynamic programme, cell by cell, as ChERRANT's char-level aligner writes it
+    (compiled by numba; see cherrant_align_many for the arguments). Every cost is formed with the
+    same float operations as upstream, so the ties, and hence the set of cheapest alignments, are
+    the same. The one change: upstream's transposition scan compares *sorted* windows at every
+    step back along the diagonal; we compare multiset hashes of the windows (prefix sums of random
+    per-token values, two of them: a false match has odds ~2**-80), which is O(1) per step. The
+    scan itself -- where it starts, when it stops, how many steps it takes -- is upstream's."""
+    n, m = s_tok.shape[0], t_tok.shape[0]
+    cost = np.zeros((n + 1, m + 1))
+    ops = np.zeros((n + 1, m + 1), dtype=np.int64)
+    ktrans = np.zeros((n + 1, m + 1), dtype=np.int64)
+    iters = np.zeros((n, m), dtype=np.int64)
+    for i in range(1, n + 1):
+        cost[i, 0] = cost[i - 1, 0] + 1
+        ops[i, 0] = OP_D
+    for j in range(1, m + 1):
+        cost[0, j] = cost[0, j - 1] + 1
+        ops[0, j] = OP_I
+    for i in range(n):
+        for j in range(m):
+            if s_tok[i] == t_tok[j]:
+                cost[i + 1, j + 1] = cost[i, j]
+                ops[i + 1, j + 1] = OP_M
+                continue
+            if np.isnan(costs[s_tok[i], t_tok[j]]):  # each token pair's cost is computed once
+                costs[s_tok[i], t_tok[j]] = _substitution_cost(s_tok[i], t_tok[j], *features)
+            c_sub = cost[i, j] + costs[s_tok[i], t_tok[j]]
+            c_ins = cost[i + 1, j] + 1
+            c_del = cost[i, j + 1] + 1
+            # Transposition: scan k = 1, 2, ... back along the diagonal while its cost keeps
+            # changing, for windows src[i-k..i] and tgt[j-k..j] holding the same tokens.
+            c_trans = np.inf
+            k = 1
+            while i - k >= 0 and j - k >= 0 and cost[i - k + 1, j - k + 1] != cost[i - k, j - k]:
+                iters[i, j] += 1
+                if (s_hash[0, i + 1] - s_hash[0, i - k] == t_hash[0, j + 1] - t_hash[0, j - k]
+                        and s_hash[1, i + 1] - s_hash[1, i - k] == t_hash[1, j + 1] - t_hash[1, j - k]):
+                    c_trans = cost[i - k, j - k] + k
+                    ktrans[i + 1, j + 1] = k + 1
+                    break
+                k += 1
+            best = min(min(c_sub, c_ins), min(c_del, c_trans))
+            cost[i + 1, j + 1] = best
+            ops[i + 1, j + 1] = ((OP_T if c_trans == best else 0) | (OP_S if c_sub == best else 0)
+                                 | (OP_I if c_ins == best else 0) | (OP_D if c_del == best else 0))
+    return ops, ktrans, iters
 
 
 def cherrant_align(src, tgt):
     """ChERRANT's weighted edit-distance alignment of token lists src -> tgt; see
-    cherrant_align_many, which aligns many pairs at once (much faster per pair)."""
+    cherrant_align_many."""
     return cherrant_align_many([(src, tgt)])[0]
 
 
-ALIGN_BATCH_CELLS = 1 << 20  # cells per batch of pairs aligned together (~25 MB of arrays)
+ALIGN_VOCABULARY = 2048  # at most this many distinct tokens per batch of pairs (a 32 MB cost table)
 
 
 def cherrant_align_many(pairs):
@@ -257,110 +257,33 @@ def cherrant_align_many(pairs):
     Returns one (ops, ktrans, iters) per pair: ops[a, b] is a bitmask of the cheapest operations
     ending at cell (a, b) (M, S, I, D, T), ktrans[a, b] the length of the window upstream's
     transposition scan finds there (0 if none; it is an operation only where ops has T, i.e.
-    where it is also cheapest), and iters[a, b] how many window comparisons that scan makes.
-
-    Upstream fills the matrix cell by cell; at a mismatch it scans k = 1, 2, ... back along the
-    diagonal while the diagonal cost keeps changing, looking for windows src[i-k..i], tgt[j-k..j]
-    that are permutations of each other. We replace the scan by a lookup (the nearest earlier
-    point on the same diagonal with an equal multiset hash, accepted when no "flat" diagonal step
-    of equal costs lies in between -- exactly where the scan would have stopped), and fill a row
-    at a time for a whole batch of pairs of similar size: cell (i, j) of every pair is computed
-    by the same array operations, and padding cells beyond a pair's size feed no real cell. Every
-    cost is formed with the same float operations as upstream, so ties, and hence the set of
-    cheapest alignments, are identical."""
-    out = [None] * len(pairs)
-    # Batches of pairs of similar size (sorted by length), each at most ALIGN_BATCH_CELLS cells
-    # once padded to its longest source and target.
-    order = sorted(range(len(pairs)), key=lambda p: (len(pairs[p][0]), len(pairs[p][1])))
-    while order:
-        batch = [order.pop(0)]
-        width = len(pairs[batch[0]][1])
-        while order:
-            n, m = len(pairs[order[0]][0]), max(width, len(pairs[order[0]][1]))
-            if (len(batch) + 1) * (n + 1) * (m + 1) > ALIGN_BATCH_CELLS:
+    where it is also cheapest), and iters[a-1, b-1] how many window comparisons that scan makes
+    (what upstream's run time, and so its timeout, depends on). Consecutive pairs share token ids
+    and a table of substitution costs, filled as cells need them (a token pair costs the same in
+    every sentence): a corpus should be aligned in one call."""
+    align = _compiled(_align_cells)
+    out, first = [], 0
+    while first < len(pairs):
+        tokens, last = set(), first
+        while last < len(pairs):
+            more = tokens | set(pairs[last][0]) | set(pairs[last][1])
+            if len(more) > ALIGN_VOCABULARY and last > first:
                 break
-            width = m
-            batch.append(order.pop(0))
-        for p, result in zip(batch, _align_batch([pairs[p] for p in batch])):
-            out[p] = result
+            tokens, last = more, last + 1
+        tokens = sorted(tokens)
+        token_id = {t: i for i, t in enumerate(tokens)}
+        features = token_features(tokens)
+        costs = np.full((len(tokens), len(tokens)), np.nan)
+        # Two random values per token for the window hashes; below 2**40, so that the prefix sums
+        # of any sentence stay far inside int64.
+        values = np.random.default_rng(20231113).integers(0, 2**40, size=(2, len(tokens)), dtype=np.int64)
+        for src, tgt in pairs[first:last]:
+            ids = [np.array([token_id[t] for t in side], dtype=np.int64) for side in (src, tgt)]
+            hashes = [np.concatenate((np.zeros((2, 1), dtype=np.int64), np.cumsum(values[:, x], axis=1)), axis=1)
+                      for x in ids]
+            out.append(align(*ids, *hashes, costs, *features))
+        first = last
     return out
-
-
-def _align_batch(pairs):
-    sizes = [(len(s), len(t)) for s, t in pairs]
-    B, N, M = len(pairs), max(n for n, _ in sizes), max(m for _, m in sizes)
-    sub = np.full((B, N, M), 9.0)  # padding: no match, and costs no real cell ever reads
-    match = np.zeros((B, N, M), dtype=bool)
-    # One substitution table for the whole batch (the cost of a token pair is the same in every
-    # sentence), instead of one per pair.
-    us = sorted({t for src, _ in pairs for t in src})
-    ut = sorted({t for _, tgt in pairs for t in tgt})
-    table = substitution_costs(us, ut)
-    src_index, tgt_index = {t: i for i, t in enumerate(us)}, {t: j for j, t in enumerate(ut)}
-    # Random per-token values for the multiset hashes (two hashes, and a multiplier for their sort
-    # key in row 2), one id per token of the batch.
-    token_id = {t: i for i, t in enumerate(sorted(set(us) | set(ut)))}
-    values = np.random.default_rng(20231113).integers(0, 2**63, size=(3, len(token_id)), dtype=np.uint64)
-    cand = []
-    for b, (src, tgt) in enumerate(pairs):
-        n, m = sizes[b]
-        s, mt, (ca, cb, cp) = _pair_tables(src, tgt, table, src_index, tgt_index, token_id, values)
-        sub[b, :n, :m], match[b, :n, :m] = s, mt
-        cand.append(np.stack([ca, np.full_like(ca, b), cb, cp]))
-    cand = np.concatenate(cand, axis=1)
-    cand = cand[:, np.argsort(cand[0], kind="stable")]
-    row_start = np.searchsorted(cand[0], np.arange(N + 1))
-
-    cost = np.zeros((B, N + 1, M + 1))
-    cost[:, :, 0] = np.arange(N + 1)
-    cost[:, 0, :] = np.arange(M + 1)
-    trans = np.full((B, N, M), np.inf)  # transposition cost where the scan finds a window
-    ktrans = np.zeros((B, N + 1, M + 1), dtype=np.int64)
-    last_flat = np.full((B, N + M + 1), -1, dtype=np.int64)  # per diagonal (j - i + N): last flat step
-    for i in range(N):  # row i computes cost[:, i + 1, 1:]
-        best = np.minimum(cost[:, i, :-1] + sub[:, i], cost[:, i, 1:] + 1)
-        _, cb, cj, cp = cand[:, row_start[i]:row_start[i + 1]]
-        # The scan reaches p unless a flat diagonal step lies between p and (i, j).
-        ok = cp > last_flat[cb, cj - i + N]
-        cb, cj, cp = cb[ok], cj[ok], cp[ok]
-        t = cost[cb, cp, cp + cj - i] + (i - cp)
-        trans[cb, i, cj] = t
-        ktrans[cb, i + 1, cj + 1] = i - cp + 1
-        best[cb, cj] = np.minimum(best[cb, cj], t)
-        cost[:, i + 1, 1:] = _insertion_chains(float(i + 1), best, cost[:, i, :-1], match[:, i])
-        # Steps (i, j) -> (i+1, j+1) with equal cost stop later scans on that diagonal.
-        fb, fj = np.nonzero(cost[:, i + 1, 1:] == cost[:, i, :-1])
-        last_flat[fb, fj - i + N] = i
-    return [_ops_and_scans(cost[b, :n + 1, :m + 1], trans[b, :n, :m], ktrans[b, :n + 1, :m + 1],
-                           sub[b, :n, :m], match[b, :n, :m]) for b, (n, m) in enumerate(sizes)]
-
-
-def _ops_and_scans(cost, trans, ktrans, sub, match):
-    n, m = cost.shape[0] - 1, cost.shape[1] - 1
-    # Which operations reach each cell's cost: recomputed with the same float operations.
-    best = cost[1:, 1:]
-    ops = np.zeros((n + 1, m + 1), dtype=np.int64)
-    ops[1:, 0] = OP_D
-    ops[0, 1:] = OP_I
-    mask = (OP_T * (trans == best) + OP_S * (cost[:-1, :-1] + sub == best)
-            + OP_I * (cost[1:, :-1] + 1 == best) + OP_D * (cost[:-1, 1:] + 1 == best))
-    ops[1:, 1:] = np.where(match, OP_M, mask)
-
-    # Upstream's scan length at each mismatch: up to the window it finds, else until the matrix
-    # edge or the last flat diagonal step. Skew the matrix so diagonals become columns.
-    skew = np.full((n + 1, n + m + 1), np.nan)
-    rows = np.repeat(np.arange(n + 1), m + 1)
-    cols = np.tile(np.arange(m + 1), n + 1) - rows + n
-    skew[rows, cols] = cost.ravel()
-    flat_step = np.full(skew.shape, -1, dtype=np.int64)  # at row a: step a-1 -> a is flat
-    flat_step[1:] = np.where(skew[1:] == skew[:-1], np.arange(n)[:, None], -1)
-    last_flat = np.maximum.accumulate(flat_step, axis=0)  # latest flat step ending at or before row a
-    a_idx, b_idx = np.arange(1, n + 1)[:, None], np.arange(1, m + 1)[None, :]
-    lf = last_flat[a_idx - 1, b_idx - a_idx + n]  # flat steps up to (a-1, b-1)
-    reach = np.maximum(np.minimum(np.minimum(a_idx - 1, b_idx - 1), a_idx - 2 - lf), 0)
-    k = ktrans[1:, 1:] - 1
-    iters = np.where(match, 0, np.where(k > 0, k, reach))
-    return ops, ktrans.copy(), iters  # a copy: a view would keep the whole batch's array alive
 
 
 _OP_ORDER = ((OP_T, "T"), (OP_S, "S"), (OP_I, "I"), (OP_D, "D"))  # upstream's order within a cell
@@ -387,49 +310,42 @@ def _cell_ops(ops, ktrans, a, b, first_only):
     return out
 
 
+def _count_paths(ops, ktrans, first_only):
+    """Paths from (0, 0) to every cell over the cheapest operations, row by row (compiled)."""
+    n, m = ops.shape[0] - 1, ops.shape[1] - 1
+    count = np.zeros((n + 1, m + 1))
+    count[0, 0] = 1.0
+    for a in range(n + 1):
+        for b in range(m + 1):
+            mask = ops[a, b]
+            if (a == 0 and b == 0) or mask == 0:
+                continue
+            if mask & OP_M:
+                count[a, b] = count[a - 1, b - 1]
+                continue
+            if first_only:  # only the first operation in upstream's order T, S, I, D
+                for bit in (OP_T, OP_S, OP_I, OP_D):
+                    if mask & bit:
+                        mask = bit
+                        break
+            c = 0.0
+            if mask & OP_T:
+                k = ktrans[a, b]  # a transposition of k tokens ends k cells back on the diagonal
+                c += count[a - k, b - k]
+            if mask & OP_S:
+                c += count[a - 1, b - 1]
+            if mask & OP_I:
+                c += count[a, b - 1]
+            if mask & OP_D:
+                c += count[a - 1, b]
+            count[a, b] = c
+    return count[n, m]
+
+
 def count_alignments(ops, ktrans, first_only):
     """Number of cheapest alignment paths from (n, m) back to (0, 0) (a float: it can be
-    astronomically large, and inf is a fine answer). Walks only the cells reachable from (n, m);
-    when that region turns out large (exploding alignments) it counts over the whole matrix one
-    anti-diagonal at a time instead."""
-    n, m = ops.shape[0] - 1, ops.shape[1] - 1
-    limit = 8 * (n + m + 2)
-    visited = 0
-    by_diagonal = {n + m: {(n, m): 1.0}}
-    for d in range(n + m, 0, -1):
-        bucket_d = by_diagonal.pop(d, {})
-        visited += len(bucket_d)
-        if visited > limit:
-            return _count_alignments_dense(ops, ktrans, first_only)
-        for (a, b), c in bucket_d.items():
-            for _, pa, pb in _cell_ops(ops, ktrans, a, b, first_only):
-                bucket = by_diagonal.setdefault(pa + pb, {})
-                bucket[(pa, pb)] = bucket.get((pa, pb), 0.0) + c
-    return by_diagonal.get(0, {}).get((0, 0), 0.0)
-
-
-def _count_alignments_dense(ops, ktrans, first_only):
-    """Paths from (0, 0) to every cell, one anti-diagonal at a time (vectorised)."""
-    n, m = ops.shape[0] - 1, ops.shape[1] - 1
-    mask = ops
-    if first_only:  # only the first op in upstream's order T, S, I, D (M always stands alone)
-        first = np.zeros_like(ops)
-        for bit in (OP_D, OP_I, OP_S, OP_T):
-            first = np.where(ops & bit, bit, first)
-        mask = np.where(ops & OP_M, OP_M, first)
-    back = np.maximum(ktrans - 1, 0)  # a transposition of K tokens jumps back K cells diagonally
-    count = np.zeros((n + 2, m + 2))  # offset by one: count[a + 1, b + 1] is cell (a, b)
-    count[1, 1] = 1.0
-    with np.errstate(over="ignore", invalid="ignore"):
-        for d in range(1, n + m + 1):
-            a = np.arange(max(0, d - m), min(n, d) + 1)
-            b = d - a
-            mk, kk = mask[a, b], back[a, b]
-            count[a + 1, b + 1] = (np.where(mk & (OP_M | OP_S), count[a, b], 0.0)
-                                   + np.where(mk & OP_I, count[a + 1, b], 0.0)
-                                   + np.where(mk & OP_D, count[a, b + 1], 0.0)
-                                   + np.where(mk & OP_T, count[a - kk, b - kk], 0.0))
-    return float(count[n + 1, m + 1])
+    astronomically large, and inf is a fine answer)."""
+    return float(_compiled(_count_paths)(ops, ktrans, first_only))
 
 
 def _merge_run(run):
