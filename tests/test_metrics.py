@@ -115,6 +115,50 @@ def test_rouge_l_matches_rouge_chinese_and_scores_empty_answers_as_placeholder()
     assert E.score_1_1([item("盗窃公私财物", "答案:盗窃公私财物")])["score"] == pytest.approx(1.0, abs=1e-7)
 
 
+def test_fast_segmentation_is_jiebas_word_for_word(shared, statute_rows):
+    # What ROUGE-L sees must be exactly jieba's words: on every text ROUGE-L scores for two
+    # published models (answers and references of 1-1, 2-7, 3-2, 3-8), on real statutes, and on
+    # the cases where a faster segmenter could differ: ASCII runs with - . + # & _ %, whitespace,
+    # characters outside jieba's blocks, and repeated characters whose segmentations tie.
+    import os
+    import jieba
+    texts = []
+    for model in ("GPT4", "chatglm2-6b-hf"):
+        for task in ("1-1", "2-7", "3-2", "3-8"):
+            items, _, _ = E.load_prediction_file(os.path.join(shared, "predictions", "zero_shot", model, f"{task}.json"))
+            texts += [x for it in items for x in (it["prediction"], it["refr"])]
+    texts += [t for _, _, t in statute_rows[::10]]
+    texts += ["2018-2020年", "GB17485-2021", "002766.SZ", "www.thepaper.cn", "2.1.1条", "3.125in", "a+1与5%5",
+              "C#和AT&T", "x_y", "第1\r\n2款 \u3000 \xa0三", "\u9fd6\u3400字", "ＡＢＣ１２３", "T恤衫",
+              "协协协协协协嘩协协协协协", "协协协协协", "哈哈哈哈哈哈哈", "", "  ", "。", "abc", "1"]
+    assert sum(map(len, texts)) > 1_000_000
+    differ = [t for t in dict.fromkeys(texts) if E.jieba_words(t) != list(jieba.cut(t))]
+    assert differ == []
+
+
+def test_numeral_conversion_skips_only_texts_cn2an_leaves_unchanged(shared):
+    # cn2an_transform returns a text without numeral characters unchanged instead of calling
+    # cn2an: on every answer of 3-1, 3-4 and 3-5 of two published models (and each "、" chunk of
+    # 3-1, as score_3_1 converts them) it must give what cn2an gives, skipped or not.
+    import os
+    import warnings
+
+    import cn2an
+    texts = ["12个月", "第264条", "3.5万元", "1.5.2", "a1b", "廿", "半年", "两年", "负数", "百分之", "摄氏度", ""]
+    for model in ("GPT4", "chatglm2-6b-hf"):
+        for task in ("3-1", "3-4", "3-5"):
+            items, _, _ = E.load_prediction_file(os.path.join(shared, "predictions", "zero_shot", model, f"{task}.json"))
+            texts += [it["prediction"] for it in items]
+            if task == "3-1":
+                texts += [chunk for it in items for chunk in it["prediction"].split("、")]
+    texts = list(dict.fromkeys(texts))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        assert [E.cn2an_transform(t) for t in texts] == [cn2an.transform(t, "cn2an") for t in texts]
+    skipped = [t for t in texts if E._CN2AN_CHARS.isdisjoint(t)]
+    assert len(skipped) > 1000 and "12个月" in skipped and "半年" not in skipped
+
+
 def test_rouge_l_reports_instead_of_crashing_on_an_empty_reference():
     scores, errors = E.rouge_l(["有内容"], [""])
     assert scores == [0.0] and "no sentence" in errors[0][1]
