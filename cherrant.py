@@ -279,8 +279,9 @@ def cherrant_align_many(pairs):
         values = np.random.default_rng(20231113).integers(0, 2**40, size=(2, len(tokens)), dtype=np.int64)
         for src, tgt in pairs[first:last]:
             ids = [np.array([token_id[t] for t in side], dtype=np.int64) for side in (src, tgt)]
-            hashes = [np.concatenate((np.zeros((2, 1), dtype=np.int64), np.cumsum(values[:, x], axis=1)), axis=1)
-                      for x in ids]
+            hashes = [np.zeros((2, len(x) + 1), dtype=np.int64) for x in ids]  # C order: one compiled variant
+            for x, h in zip(ids, hashes):
+                np.cumsum(values[:, x], axis=1, out=h[:, 1:])
             out.append(align(*ids, *hashes, costs, *features))
         first = last
     return out

@@ -14,10 +14,15 @@ How long does scoring LawBench take, and what do our two rewritten hot paths buy
    rouge_chinese's Rouge().get_scores one item at a time, as LawBench calls it, and 2-1's alignment
    by the literal cell-by-cell dynamic programme, one pair at a time. Every task score and abstention rate must be
    equal; the wall times are compared (same number of processes).
-5. Task 2-1 per model and setting, CPU seconds in one process: ours (pairs aligned in batches,
-   edit lists read off the alignment graph) vs cherrant.py as of commit --before (one pair at a
-   time, a row loop, every cheapest alignment enumerated and merged path by path, as upstream
-   does), loaded with `git show`. Scores must be equal.
+5. Task 2-1 per model and setting, CPU seconds in one process: ours vs cherrant.py as of commit
+   --before-2-1 (default af881d9: one pair at a time, a numpy row loop, every cheapest alignment
+   enumerated and merged path by path, as upstream does), loaded with `git show`. Scores must be
+   equal.
+6. `evaluate.py score` on one model and setting, all 18 tasks, in a fresh process each time (as a
+   user runs it): CPU seconds and wall time of this tree vs the tree of commit --before (default
+   64019d0, before the compiled aligner and the faster segmentation), extracted with `git archive`
+   and run with the same Python. Every task score must be equal. Once more with an empty numba
+   cache, to show what the very first run costs.
 Prints each figure and the ratio baseline/ours, all measured in this run.
 """
 import argparse
@@ -37,9 +42,11 @@ def main():
                     help="folder with LawBench's predictions/ (default ../shared/lawbench)")
     ap.add_argument("--num-proc", type=int, default=2, help="worker processes for the full run (default 2)")
     ap.add_argument("--sentences", type=int, default=40, help="2-1 sentences per model for the alignment comparison")
-    ap.add_argument("--before", default="af881d9",
+    ap.add_argument("--before-2-1", default="af881d9",
                     help="commit whose cherrant.py part 5 compares against (default af881d9, before the batched, graph-based annotator)")
-    ap.add_argument("--parts", default="1,2,3,4,5", help="which measurements to run (default 1,2,3,4,5)")
+    ap.add_argument("--before", default="64019d0",
+                    help="commit whose whole tree part 6 compares against (default 64019d0, before the compiled aligner)")
+    ap.add_argument("--parts", default="1,2,3,4,5,6", help="which measurements to run (default 1,2,3,4,5,6)")
     args = ap.parse_args()
     preds = os.path.join(args.shared, "predictions")
 
@@ -55,7 +62,9 @@ def main():
     if "4" in parts:
         whole_scorer_vs_straightforward(preds, args.num_proc)
     if "5" in parts:
-        task_2_1_vs_before(preds, args.before)
+        task_2_1_vs_before(preds, args.before_2_1)
+    if "6" in parts:
+        fresh_process_vs_before(preds, args.before)
 
 
 def full_run(preds, num_proc):
@@ -75,6 +84,7 @@ def rouge_vs_rouge_chinese(gpt4):
     from rouge_chinese import Rouge
     import jieba
     ours_t = base_t = 0.0
+    E.jieba_words("预热一下"), list(jieba.cut("预热一下"))  # dictionaries loaded outside the timing
     for task in ("1-1", "2-7", "3-2", "3-8"):
         items, _, _ = E.load_prediction_file(os.path.join(gpt4, f"{task}.json"))
         refs = [it["refr"].replace("答案:", "") if task == "1-1" else it["refr"] for it in items]
@@ -129,6 +139,20 @@ def per_item_rouge(predictions, references):
     return scores, errors
 
 
+_PLAIN_CN2AN = {}
+
+
+def plain_cn2an(text):
+    """cn2an on every text (cached like ours), without skipping texts that have no numeral."""
+    import warnings
+    import cn2an
+    if text not in _PLAIN_CN2AN:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            _PLAIN_CN2AN[text] = cn2an.transform(text, "cn2an")
+    return _PLAIN_CN2AN[text]
+
+
 def literal_align_arrays(src, tgt):
     """tests/test_cherrant.py's literal dynamic programme, in the form the scorer consumes:
     (ops bitmask, window length found, windows compared) per cell."""
@@ -156,13 +180,14 @@ def whole_scorer_vs_straightforward(preds, num_proc):
         return reports, time.time() - t
 
     ours, ours_t = score_all()
-    fast_rouge, fast_align = E.rouge_l, C.cherrant_align_many
+    fast = E.rouge_l, C.cherrant_align_many, E.cn2an_transform
     # worker processes fork with these
-    E.rouge_l, C.cherrant_align_many = per_item_rouge, lambda pairs: [literal_align_arrays(s, t) for s, t in pairs]
+    E.rouge_l, C.cherrant_align_many, E.cn2an_transform = (
+        per_item_rouge, lambda pairs: [literal_align_arrays(s, t) for s, t in pairs], plain_cn2an)
     try:
         base, base_t = score_all()
     finally:
-        E.rouge_l, C.cherrant_align_many = fast_rouge, fast_align
+        E.rouge_l, C.cherrant_align_many, E.cn2an_transform = fast
     n = differ = 0
     for setting in ours:
         for model, entry in ours[setting]["models"].items():
@@ -222,6 +247,50 @@ def task_2_1_vs_before(preds, before):
                   f"ratio {base_t / ours_t:4.1f}x (F0.5 {ours:.4f} both)")
     print(f"[5] 2-1, slowest model and setting: before {worst[0]:.1f} s, ours {worst[1]:.1f} s CPU, "
           f"ratio {worst[0] / worst[1]:.1f}x")
+
+
+def fresh_process_vs_before(preds, before):
+    """`evaluate.py score --num-proc 1` per model and setting, each in a new process: this tree vs
+    the tree of commit `before`. CPU time is the child's user + system time."""
+    import json
+    import resource
+    import subprocess
+    import tempfile
+
+    def run(tree, folder, out, env=None):
+        r0, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), time.time()
+        subprocess.run([sys.executable, os.path.join(tree, "evaluate.py"), "score", "--predictions", folder,
+                        "--num-proc", "1", "--quiet", "--out", out], check=True, capture_output=True, env=env)
+        r1, wall = resource.getrusage(resource.RUSAGE_CHILDREN), time.time() - t0
+        with open(os.path.join(out, "scores.json"), encoding="utf-8") as f:
+            entry = next(iter(json.load(f)["models"].values()))
+        scores = {t: (r["score"], r.get("abstention_rate")) for t, r in entry["tasks"].items()}
+        return r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime, wall, scores
+
+    with tempfile.TemporaryDirectory() as tmp:
+        old_tree = os.path.join(tmp, "before")
+        os.makedirs(old_tree)
+        archive = subprocess.run(["git", "-C", ROOT, "archive", before], check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", old_tree], input=archive, check=True)
+        folders = [(s, m) for s in ("zero_shot", "one_shot") for m in sorted(os.listdir(os.path.join(preds, s)))
+                   if os.path.isdir(os.path.join(preds, s, m))]
+        run(ROOT, os.path.join(preds, *folders[0]), os.path.join(tmp, "warm"))  # numba's cache filled once
+        worst = [0.0, 0.0]
+        for setting, model in folders:
+            folder = os.path.join(preds, setting, model)
+            base_cpu, base_wall, base = run(old_tree, folder, os.path.join(tmp, "old"))
+            ours_cpu, ours_wall, ours = run(ROOT, folder, os.path.join(tmp, "new"))
+            assert ours == base, (setting, model)
+            worst = [max(worst[0], base_cpu), max(worst[1], ours_cpu)]
+            print(f"[6] fresh process {setting:9s} {model:28s} before ({before}) {base_cpu:5.1f} s CPU "
+                  f"({base_wall:5.1f} s wall), ours {ours_cpu:4.1f} s CPU ({ours_wall:4.1f} s wall), "
+                  f"ratio {base_cpu / ours_cpu:3.1f}x; 18 task scores equal")
+        print(f"[6] slowest model and setting, fresh process: before {worst[0]:.1f} s CPU, ours {worst[1]:.1f} s CPU, "
+              f"ratio {worst[0] / worst[1]:.1f}x")
+        env = dict(os.environ, NUMBA_CACHE_DIR=os.path.join(tmp, "empty-numba-cache"))
+        cold_cpu, cold_wall, _ = run(ROOT, os.path.join(preds, *folders[0]), os.path.join(tmp, "cold"), env)
+        print(f"[6] the very first run (empty numba cache, so the aligner is compiled), {folders[0][1]} "
+              f"{folders[0][0]}: {cold_cpu:.1f} s CPU ({cold_wall:.1f} s wall)")
 
 
 if __name__ == "__main__":
