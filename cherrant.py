@@ -443,6 +443,19 @@ def distinct_run_edit_lists(ops, ktrans, first_only):
     return lists
 
 
+def only_alignment(ops, ktrans, first_only):
+    """The one cheapest alignment of a pair that has exactly one (count_alignments == 1), as a
+    list of (op, src_start, src_end, tgt_start, tgt_end): every cell on it has a single cheapest
+    operation, since every operation leads to a cell with at least one path back to (0, 0)."""
+    a, b = ops.shape[0] - 1, ops.shape[1] - 1
+    path = []
+    while a or b:
+        (op, pa, pb), = _cell_ops(ops, ktrans, a, b, first_only)
+        path.append((op, pa, a, pb, b))
+        a, b = pa, pb
+    return path[::-1]
+
+
 def run_edits(path):
     """First half of ChERRANT's char-level merger, on one alignment (a list of (op, src_start,
     src_end, tgt_start, tgt_end)) as upstream runs it path by path: each maximal run of matches
@@ -601,10 +614,12 @@ def cherrant_annotate(src_text, tgt_text, alignment=None):
     if work > CHERRANT_WORK_BUDGET:
         return None, work, True
     # Upstream merges every cheapest alignment and keeps each distinct edit list once; we merge
-    # each distinct run_edits() list (see distinct_run_edit_lists), which gives the same set.
+    # each distinct run_edits() list (see distinct_run_edit_lists), which gives the same set. Most
+    # pairs have a single cheapest alignment, simply followed back.
     # Sorted, so the order of categories under one key is canonical (scores depend only on counts).
-    distinct = sorted({tuple(merge_run_edits(edits, src, tgt))
-                       for edits in distinct_run_edit_lists(ops, ktrans, first_only)})
+    lists = ([run_edits(only_alignment(ops, ktrans, first_only))] if n_paths == 1
+             else distinct_run_edit_lists(ops, ktrans, first_only))
+    distinct = sorted({tuple(merge_run_edits(edits, src, tgt)) for edits in lists})
     edits = {}
     for merged in distinct:
         for e in merged:

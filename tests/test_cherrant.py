@@ -212,6 +212,7 @@ def distinct_by_enumeration(ops, ktrans, first_only):
 
 def test_path_counts_and_edit_lists_from_the_graph_equal_walking_every_path():
     C.cherrant_resources()
+    single = 0
     for src, tgt in random_pairs(1500, seed=7):
         ops, ktrans, _ = C.cherrant_align(src, tgt)
         for first_only in (False, True):
@@ -219,6 +220,10 @@ def test_path_counts_and_edit_lists_from_the_graph_equal_walking_every_path():
             lists = C.distinct_run_edit_lists(ops, ktrans, first_only)
             assert sorted(map(tuple, lists)) == distinct_by_enumeration(ops, ktrans, first_only), (src, tgt)
             assert len({tuple(x) for x in lists}) == len(lists)  # each distinct list once
+            if C.count_alignments(ops, ktrans, first_only) == 1:
+                single += 1
+                assert [C.only_alignment(ops, ktrans, first_only)] == enumerate_alignments(ops, ktrans, first_only)
+    assert single > 300
 
 
 def test_pairs_aligned_together_equal_the_literal_programme(monkeypatch):
