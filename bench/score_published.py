@@ -23,6 +23,10 @@ How long does scoring LawBench take, and what do our two rewritten hot paths buy
    64019d0, before the compiled aligner and the faster segmentation), extracted with `git archive`
    and run with the same Python. Every task score must be equal. Once more with an empty numba
    cache, to show what the very first run costs.
+7. The same work in one process, one model and setting after another, as `evaluate.py score` does
+   for a folder of models with --num-proc 1: CPU seconds of each (all 18 tasks). What every
+   process pays once (imports, numba's kernels, pinyin and Cilin, the references) lands on the
+   first; the others show what one more model costs.
 Prints each figure and the ratio baseline/ours, all measured in this run.
 """
 import argparse
@@ -46,7 +50,7 @@ def main():
                     help="commit whose cherrant.py part 5 compares against (default af881d9, before the batched, graph-based annotator)")
     ap.add_argument("--before", default="64019d0",
                     help="commit whose whole tree part 6 compares against (default 64019d0, before the compiled aligner)")
-    ap.add_argument("--parts", default="1,2,3,4,5,6", help="which measurements to run (default 1,2,3,4,5,6)")
+    ap.add_argument("--parts", default="1,2,3,4,5,6,7", help="which measurements to run (default 1,2,3,4,5,6,7)")
     args = ap.parse_args()
     preds = os.path.join(args.shared, "predictions")
 
@@ -65,6 +69,8 @@ def main():
         task_2_1_vs_before(preds, args.before_2_1)
     if "6" in parts:
         fresh_process_vs_before(preds, args.before)
+    if "7" in parts:
+        one_process_model_after_model(preds)
 
 
 def full_run(preds, num_proc):
@@ -292,6 +298,34 @@ def fresh_process_vs_before(preds, before):
         cold_cpu, cold_wall, _ = run(ROOT, os.path.join(preds, *folders[0]), os.path.join(tmp, "cold"), env)
         print(f"[6] the very first run (empty numba cache, so the aligner is compiled), {folders[0][1]} "
               f"{folders[0][0]}: {cold_cpu:.1f} s CPU ({cold_wall:.1f} s wall)")
+
+
+def one_process_model_after_model(preds):
+    """In a new process (nothing loaded yet): every model and setting scored in turn, CPU seconds each."""
+    import subprocess
+    code = f"""
+import os, sys, time
+sys.path.insert(0, {ROOT!r})
+import evaluate as E
+preds = {preds!r}
+for setting in ("zero_shot", "one_shot"):
+    for model in sorted(os.listdir(os.path.join(preds, setting))):
+        folder = os.path.join(preds, setting, model)
+        if not os.path.isdir(folder):
+            continue
+        t = time.process_time()
+        E.score_predictions(folder, None, num_proc=1, progress=False)
+        print(setting, model, round(time.process_time() - t, 2), flush=True)
+"""
+    t0 = time.time()
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    rows = [line.split() for line in out.splitlines()]
+    for i, (setting, model, cpu) in enumerate(rows):
+        note = " (first: pays the process's start-up)" if i == 0 else ""
+        print(f"[7] one process, in turn: {setting:9s} {model:28s} {float(cpu):4.1f} s CPU{note}")
+    rest = [float(cpu) for _, _, cpu in rows[1:]]
+    print(f"[7] first model {float(rows[0][2]):.1f} s CPU; each further model {min(rest):.1f} - {max(rest):.1f} s CPU; "
+          f"all {len(rows)} in {time.time() - t0:.1f} s wall")
 
 
 if __name__ == "__main__":
