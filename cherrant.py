@@ -182,9 +182,12 @@ _KERNELS = {}
 def _compiled(f):
     """The numba-compiled version of kernel f. numba is imported on first use, so `import
     cherrant` stays numpy-only; the machine code is cached on disk (__pycache__, or numba's user
-    cache when that is read-only), so only the first process ever compiles (~5 s)."""
+    cache when that is read-only), so only the first process ever compiles (a few seconds)."""
     if not _KERNELS:
-        import numba
+        try:
+            import numba
+        except ImportError as exc:
+            raise ImportError("cherrant.py needs numba for its compiled aligner: pip install -r requirements.txt") from exc
         jit = numba.njit(cache=True, nogil=True)
         # The kernels call _substitution_cost by its global name, which numba resolves when it
         # compiles them: that name must be the compiled function by then.

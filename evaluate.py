@@ -50,7 +50,6 @@ published results.csv.
 import argparse
 import csv
 import json
-import logging
 import math
 import os
 import re
@@ -154,14 +153,14 @@ def jieba_words(text):
     dictionary words and a dynamic programme over their log frequencies), then hands every run of
     one-character words that is not itself a dictionary word to its HMM (finalseg), which finds
     unknown words. The first step is pure Python and most of the time; rjieba (jieba-rs, the same
-    dictionary and the same floating-point sums) does exactly it, with its HMM off; whether a run
-    is a dictionary word we look up in a set of the words of jieba's dictionary file, which loads
-    in a quarter of the time jieba takes to build its own. We keep jieba's HMM: jieba-rs's can break ties between equally likely
-    segmentations the other way (for example in "协协协协协"). Without its HMM, rjieba joins
-    neighbouring single ASCII letters and digits into one word, as jieba's own no-HMM mode does;
-    the dictionary holds no word made only of ASCII letters and digits, so such a word is always a
-    run of one-character words. tests/test_metrics.py checks equality with jieba on LawBench
-    texts, statutes and edge cases."""
+    dictionary and the same floating-point sums) does exactly it, with its HMM off. Whether a run
+    is a dictionary word we look up in the words of jieba's dictionary file, which load in a
+    quarter of the time jieba takes to build its own dictionary. We keep jieba's HMM: jieba-rs's
+    can break ties between equally likely segmentations the other way (for example in
+    "协协协协协"). Without its HMM, rjieba joins neighbouring single ASCII letters and digits into
+    one word, as jieba's own no-HMM mode does; the dictionary holds no word made only of ASCII
+    letters and digits, so such a word is always a run of one-character words.
+    tests/test_metrics.py checks equality with jieba on LawBench texts, statutes and edge cases."""
     import jieba
     import rjieba
     hmm = jieba.finalseg.cut
