@@ -269,10 +269,11 @@ def cherrant_align_many(pairs):
     while first < len(pairs):
         tokens, last = set(), first
         while last < len(pairs):
-            more = tokens | set(pairs[last][0]) | set(pairs[last][1])
-            if len(more) > ALIGN_VOCABULARY and last > first:
+            new = (set(pairs[last][0]) | set(pairs[last][1])) - tokens
+            if len(tokens) + len(new) > ALIGN_VOCABULARY and last > first:
                 break
-            tokens, last = more, last + 1
+            tokens |= new
+            last += 1
         tokens = sorted(tokens)
         token_id = {t: i for i, t in enumerate(tokens)}
         features = token_features(tokens)
