@@ -37,7 +37,9 @@ How a step works, and why:
 """
 import argparse
 import contextlib
+import functools
 import glob
+import inspect
 import json
 import math
 import os
@@ -218,23 +220,21 @@ def lm_loss_sum(hidden, lm_head_weight, labels, chunk):
     return ChunkedLMHeadCE.apply(h, lm_head_weight.to(h.dtype), targets[keep], chunk)
 
 
-def varlen_kwargs(batch, device, flash):
-    """Sample boundaries for flash-attention's varlen kernel (other attentions read them from
-    position_ids)."""
-    if not flash:
-        return {}
+def boundary_kwargs(batch, device):
+    """The pack's sample boundaries as the forward kwargs every attention receives (varlen kernels
+    use them; sdpa and eager ignore them and read the boundaries from position_ids)."""
     cu = batch["cu_seqlens"].to(device)
     return dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=batch["max_seqlen"], max_length_k=batch["max_seqlen"])
 
 
-def packed_loss_sum(model, batch, chunk, flash=False):
+def packed_loss_sum(model, batch, chunk):
     """Forward one pack through a causal LM; return the summed CE of its trained tokens.
 
     No attention_mask and use_cache=False: that is the state in which transformers reads sample
     boundaries from position_ids (with a cache, or with an all-ones mask, it would silently let
-    the samples attend to each other). For flash-attention the boundaries go in explicitly."""
+    the samples attend to each other). The boundaries also go in explicitly, for varlen kernels."""
     out = model.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
-                      **varlen_kwargs(batch, batch["input_ids"].device, flash))
+                      **boundary_kwargs(batch, batch["input_ids"].device))
     return lm_loss_sum(out.last_hidden_state, model.lm_head.weight, batch["labels"], chunk)
 
 
@@ -242,12 +242,148 @@ class PackedLM(torch.nn.Module):
     """The model plus its packed loss as one forward, so that DDP (or DeepSpeed) wraps a single
     call: their gradient hooks are armed by the wrapper's forward, not by the model's."""
 
-    def __init__(self, model, chunk, flash):
+    def __init__(self, model, chunk):
         super().__init__()
-        self.model, self.chunk, self.flash = model, chunk, flash
+        self.model, self.chunk = model, chunk
 
     def forward(self, batch):
-        return packed_loss_sum(self.model, batch, self.chunk, self.flash)
+        return packed_loss_sum(self.model, batch, self.chunk)
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention over packs: the one place to swap it
+#
+# A pack is one row of several samples; each sample may attend only to its own earlier tokens.
+# train.py hands every attention function the sample boundaries (cu_seq_lens_q/k: cumulative
+# sample lengths, int32, and max_length_q/k) through the model's forward kwargs, whatever the
+# attention is called. To try another kernel, write a function with the signature of
+# `per_sample_sdpa` below and register it in `register_packed_attention`: that is the only place.
+# (A mask-free attention sees the model's sliding window, if any, as a kwarg: the kernels apply it.)
+#
+#   varlen             PyTorch's own FlashAttention-2 varlen kernel (torch >= 2.10, CUDA sm80+):
+#                      no extra package, O(sum of sample length^2), what --attn auto picks on GPUs
+#   varlen_reference   the same slot with a per-sample sdpa loop: the reference the tests hold
+#                      `varlen` to, and a way to run this code path on a CPU
+#   flash_attention_2  the flash-attn package, through transformers' own integration
+#   sdpa / eager       transformers builds a dense [T x T] block-diagonal mask from position_ids
+
+
+def per_sample_sdpa(q, k, v, cu_seqlens, max_seqlen, scale, window=None):
+    """Reference kernel: causal attention on each sample alone. q [T, Hq, D], k/v [T, Hkv, D]
+    (Hq a multiple of Hkv), cu_seqlens [n+1] int32, scale (None: 1/sqrt(D)), window (None, or a
+    sliding window: each token sees itself and the window-1 tokens before it); returns [T, Hq, D].
+    Any kernel swapped in here must compute exactly this."""
+    outs = []
+    for a, b in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist()):
+        qs, ks, vs = (x[a:b].transpose(0, 1) for x in (q, k, v))
+        mask = None
+        if window is not None and b - a > window:
+            i = torch.arange(b - a, device=q.device)
+            mask = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)
+        outs.append(torch.nn.functional.scaled_dot_product_attention(
+            qs, ks, vs, attn_mask=mask, is_causal=mask is None, scale=scale,
+            enable_gqa=qs.shape[0] != ks.shape[0]).transpose(0, 1))
+    return torch.cat(outs)
+
+
+@functools.cache
+def torch_varlen_kwargs(fn, n_q_heads, n_kv_heads, window):
+    """Keyword arguments for the installed torch's varlen_attn, whose signature changed per release:
+    2.10 takes is_causal; 2.11 takes window_size=(-1, 0) for causal (a tuple: it is compared with
+    ==) and accepts fewer KV heads as they are; 2.12+ needs enable_gqa=True for fewer KV heads, and
+    has num_splits, where 1 makes a sample's output bitwise independent of its pack-mates. A
+    release without `scale` gets None here (the caller folds the scale into q)."""
+    params = inspect.signature(fn).parameters
+    if "window_size" in params:
+        kw = {"window_size": (-1 if window is None else window - 1, 0)}
+    elif window is None:
+        kw = {"is_causal": True}
+    else:
+        kw = None  # a sliding window that this torch's kernel cannot apply
+    if kw is not None and "enable_gqa" in params and n_q_heads != n_kv_heads:
+        kw["enable_gqa"] = True
+    if kw is not None and "num_splits" in params:
+        kw["num_splits"] = 1
+    return kw, "scale" in params
+
+
+def torch_varlen(q, k, v, cu_seqlens, max_seqlen, scale, window=None):
+    """PyTorch's FlashAttention-2 varlen kernel (16-bit only: fp32 inputs are cast to the autocast dtype)."""
+    from torch.nn.attention import varlen
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        if not torch.is_autocast_enabled(q.device.type):
+            raise ValueError(f"--attn varlen runs in 16 bits only and got {q.dtype} outside autocast: use --dtype bf16")
+        half = torch.get_autocast_dtype(q.device.type)
+        q, k, v = q.to(half), k.to(half), v.to(half)
+    if window is not None and max_seqlen <= window:
+        window = None  # no sample is longer than the window: plain causal attention is the same
+    kw, has_scale = torch_varlen_kwargs(varlen.varlen_attn, q.shape[1], k.shape[1], window)
+    if kw is None:
+        raise ValueError(f"torch {torch.__version__}'s varlen_attn has no sliding window and this model's is {window} "
+                         f"tokens, shorter than a {max_seqlen}-token sample: use torch >= 2.11 or --attn sdpa")
+    if has_scale:
+        kw = {**kw, "scale": scale}
+    elif scale is not None:  # a release without `scale` uses 1/sqrt(D): fold the model's scale into q
+        q = q * (scale * math.sqrt(q.shape[-1]))
+    return varlen.varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kw)
+
+
+def sample_boundaries(kwargs, batch, length, device):
+    """(cu_seqlens, max_seqlen) over the flattened [batch * length] tokens: train.py's own when it
+    passed them; else where position_ids restart at 0 (each row starts a sample too)."""
+    if kwargs.get("cu_seq_lens_q") is not None:
+        return kwargs["cu_seq_lens_q"].to(device=device, dtype=torch.int32), int(kwargs["max_length_q"])
+    pos = kwargs.get("position_ids")
+    starts = torch.zeros(batch, length, dtype=torch.bool, device=device)
+    starts[:, 0] = True
+    if pos is not None:
+        starts |= pos.expand(batch, length).to(device) == 0
+    cu = torch.cat([starts.flatten().nonzero()[:, 0], torch.tensor([batch * length], device=device)]).to(torch.int32)
+    return cu, int((cu[1:] - cu[:-1]).max())
+
+
+def packed_attention(kernel):
+    """A transformers attention function (AttentionInterface) that runs `kernel` on the samples of
+    each row: query [B, Hq, T, D] and key/value [B, Hkv, T, D] in, [B, T, Hq, D] out. Training only:
+    no padding mask, no KV cache, no dropout."""
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        if attention_mask is not None or key.shape[2] != query.shape[2] or dropout:
+            raise ValueError("packed attention is for training on packs: no attention mask, no KV cache, no "
+                             "dropout (load the model with attn_implementation='sdpa' to generate)")
+        b, h, t, d = query.shape
+        cu, max_len = sample_boundaries(kwargs, b, t, query.device)
+        q, k, v = (x.transpose(1, 2).reshape(b * t, x.shape[1], d) for x in (query, key, value))
+        out = kernel(q, k, v, cu, max_len, scaling, kwargs.get("sliding_window"))
+        return out.reshape(b, t, h, d).to(query.dtype), None
+    return attention
+
+
+def no_padding_mask(*args, attention_mask=None, **kwargs):
+    """The mask function of the packed attentions: they need no mask, only the boundaries, and a
+    padding mask would otherwise be dropped without a word."""
+    if attention_mask is not None and not bool(attention_mask.all()):
+        raise ValueError("packed attention takes no padding mask: pack the samples (collate_pack) instead, or load "
+                         "the model with attn_implementation='sdpa'")
+    return None
+
+
+def register_packed_attention():
+    """Make `varlen` and `varlen_reference` names that from_pretrained(attn_implementation=...)
+    accepts; their mask function builds no mask (the boundaries are all they need)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+    for name, kernel in (("varlen", torch_varlen), ("varlen_reference", per_sample_sdpa)):
+        AttentionInterface.register(name, packed_attention(kernel))
+        AttentionMaskInterface.register(name, no_padding_mask)
+
+
+def torch_has_varlen(device):
+    """Whether PyTorch's varlen kernel can run here: torch >= 2.10 and an Ampere-or-newer NVIDIA GPU."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        return False
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
 
 
 def scan_tokens(ds, max_len=None):
@@ -275,7 +411,7 @@ def scan_tokens(ds, max_len=None):
     return n_trained, (np.concatenate(within) if within else empty) if max_len is not None else n_trained, max_id
 
 
-def check_isolation(model, flash=False):
+def check_isolation(model):
     """Prove on the real model and attention implementation that packed samples don't see each
     other: the hidden states of a sample inside a pack must equal those of the sample alone.
     Run it under the training autocast: flash-attention only runs in 16-bit."""
@@ -287,7 +423,7 @@ def check_isolation(model, flash=False):
     packed = collate_pack(samples, len(a) + len(b))
     with torch.no_grad():
         h = model.model(input_ids=packed["input_ids"].to(dev), position_ids=packed["position_ids"].to(dev),
-                        use_cache=False, **varlen_kwargs(packed, dev, flash)).last_hidden_state[0, len(a):].float()
+                        use_cache=False, **boundary_kwargs(packed, dev)).last_hidden_state[0, len(a):].float()
         alone = model.model(input_ids=b[None].to(dev), use_cache=False).last_hidden_state[0].float()
     if not (torch.isfinite(h).all() and torch.isfinite(alone).all()):
         raise RuntimeError("the model produces non-finite hidden states on a 16-token input: broken weights?")
@@ -501,36 +637,39 @@ SDPA_PACKED_MAX_LEN = 8192
 
 
 def pick_attention(requested, device, max_len, log):
-    """The attention implementation. On a GPU, only flash-attention's varlen kernel reads sample
-    boundaries directly; sdpa and eager get a dense [T x T] block-diagonal mask per pack, built
-    by transformers from position_ids, and a masked kernel that computes the whole square: at
-    32k that is a 1 GiB mask and ~4x the attention FLOPs of a pack of 8k samples. So without
-    flash_attn, auto says so loudly, and above SDPA_PACKED_MAX_LEN refuses to fall back."""
+    """The attention implementation (see "Attention over packs"). On a GPU, auto takes a kernel that
+    reads the sample boundaries: PyTorch's own varlen kernel, else the flash-attn package. sdpa and
+    eager get a dense [T x T] block-diagonal mask per pack, built by transformers from position_ids,
+    and a masked kernel that computes the whole square: at 32k a 1 GiB mask and ~4x the attention
+    FLOPs of a pack of 8k samples. So on a GPU they run only when asked for, with a warning above
+    SDPA_PACKED_MAX_LEN. Registers the varlen names with transformers as a side effect."""
+    register_packed_attention()
+    if requested == "auto":
+        if device.type != "cuda":
+            return "sdpa"
+        if torch_has_varlen(device):
+            return "varlen"
+        with contextlib.suppress(ImportError):
+            import flash_attn  # noqa: F401
+            return "flash_attention_2"
+        sys.exit(f"error: no attention kernel that reads sample boundaries on this GPU: PyTorch {torch.__version__} "
+                 f"has no torch.nn.attention.varlen (torch >= 2.10 on an Ampere or newer GPU) and flash_attn is not "
+                 f"installed. Upgrade torch, or pip install flash-attn --no-build-isolation, or pass --attn sdpa to "
+                 f"accept a dense [{max_len} x {max_len}] mask per pack and full-square attention")
+    if requested == "varlen" and not torch_has_varlen(device):
+        sys.exit(f"error: --attn varlen needs PyTorch's varlen kernel (torch >= 2.10, an Ampere or newer NVIDIA GPU); "
+                 f"this is torch {torch.__version__} on {device.type}. --attn varlen_reference runs the same code path "
+                 f"with a per-sample sdpa kernel anywhere")
     if requested.startswith("flash"):
         try:
             import flash_attn  # noqa: F401
         except ImportError:
-            sys.exit(f"error: --attn {requested} needs the flash_attn package: pip install flash-attn --no-build-isolation")
-        return requested
-    if requested != "auto":
-        if device.type == "cuda" and max_len > SDPA_PACKED_MAX_LEN:
-            log(f"warning: --attn {requested} on a GPU with packs of {max_len} tokens: every pack gets a dense "
-                f"[{max_len} x {max_len}] mask and full-square attention; flash_attention_2 is much faster and smaller")
-        return requested
-    if device.type != "cuda":
-        return "sdpa"
-    try:
-        import flash_attn  # noqa: F401
-        return "flash_attention_2"
-    except ImportError:
-        pass
-    msg = (f"flash_attn is not installed (pip install flash-attn --no-build-isolation), so packed samples would go "
-           f"through sdpa with a dense [{max_len} x {max_len}] mask per pack and full-square attention")
-    if max_len > SDPA_PACKED_MAX_LEN:
-        sys.exit(f"error: {msg}: at --max-len {max_len} that is a likely out-of-memory or a very slow run. Install "
-                 f"flash-attn, or pass --attn sdpa to accept it, or use --max-len {SDPA_PACKED_MAX_LEN} or less")
-    log(f"WARNING: {msg}; install flash-attn for speed")
-    return "sdpa"
+            sys.exit(f"error: --attn {requested} needs the flash_attn package: pip install flash-attn --no-build-isolation"
+                     f"{' (or use --attn varlen: PyTorch has the kernel built in)' if torch_has_varlen(device) else ''}")
+    if requested in ("sdpa", "eager") and device.type == "cuda" and max_len > SDPA_PACKED_MAX_LEN:
+        log(f"warning: --attn {requested} on a GPU with packs of {max_len} tokens: every pack gets a dense "
+            f"[{max_len} x {max_len}] mask and full-square attention; --attn varlen is much faster and smaller")
+    return requested
 
 
 def model_config(path, tokenizer, trust_remote_code):
@@ -820,7 +959,9 @@ def save_checkpoint(ckpt_root, step, engine, model, opt, sched, rank, keep, worl
     place only when every rank has written successfully; `latest` moves after that. A run killed
     at any moment, or a write that fails on any rank, leaves the previous checkpoint intact and
     pointed to: a failed save stops the run with a message, never with a half-written checkpoint
-    in use. Keeps the newest `keep`."""
+    in use. Keeps the newest `keep`. Returns the seconds spent writing and hashing (also in the
+    manifest), since on a large model either can dominate the time a save stalls training."""
+    started = time.time()
     tag = f"step-{step:07d}"
     tmp_tag = tag + ".tmp"
     tmp = os.path.join(ckpt_root, tmp_tag)
@@ -841,12 +982,15 @@ def save_checkpoint(ckpt_root, step, engine, model, opt, sched, rank, keep, worl
     except Exception as exc:  # disk full, read-only, quota, a lost mount ...
         error = f"rank {rank}: {type(exc).__name__}: {exc}"
     failed = all_sum(error is not None, collective_device())
+    seconds = {"write": time.time() - started}
     if not failed:
         barrier()
         digests = shared_digests(tmp, checkpoint_files(tmp), rank, world)
+        seconds["hash"] = time.time() - started - seconds["write"]
         if rank == 0:
             try:
-                write_json(os.path.join(tmp, MANIFEST), {"step": step, "position": position, "files": digests})
+                write_json(os.path.join(tmp, MANIFEST), {"step": step, "position": position, "files": digests,
+                                                         "seconds": seconds})
             except Exception as exc:
                 error = f"rank 0: {type(exc).__name__}: {exc}"
         failed = all_sum(error is not None, collective_device())
@@ -868,6 +1012,7 @@ def save_checkpoint(ckpt_root, step, engine, model, opt, sched, rank, keep, worl
         for d in old[:-keep]:
             shutil.rmtree(os.path.join(ckpt_root, d), ignore_errors=True)
     barrier()
+    return {**seconds, "total": time.time() - started}
 
 
 def checkpoint_position(path, run_dir):
@@ -979,8 +1124,10 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
                    help="compute precision: bf16 (DeepSpeed bf16, or autocast with fp32 master weights without it) "
                    "or fp32 (auto: bf16 on GPU, fp32 on CPU)")
-    p.add_argument("--attn", default="auto", help="attention implementation: sdpa, flash_attention_2, eager "
-                   "(auto: flash_attention_2 on GPU if installed, else sdpa)")
+    p.add_argument("--attn", default="auto",
+                   help="attention over packs: varlen (PyTorch's FlashAttention-2 varlen kernel, torch >= 2.10 on CUDA), "
+                   "varlen_reference (the same path with a per-sample sdpa loop), flash_attention_2 (the flash-attn "
+                   "package), sdpa, eager (auto: varlen on GPU, else flash_attention_2 if installed; sdpa on CPU)")
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                    help="recompute activations in backward (default: on for GPU, off on CPU)")
     p.add_argument("--deepspeed", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "ds_config.json"),
@@ -1447,7 +1594,6 @@ def main(argv=None):
     # --- model, optimizer, schedule; DeepSpeed or plain PyTorch
     dtype = args.dtype if args.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     attn = pick_attention(args.attn, device, args.max_len, log)
-    flash = attn.startswith("flash")
     engine = ds_keepalive = None
     if zero_stage > 0:
         try:
@@ -1485,7 +1631,7 @@ def main(argv=None):
                                                       lora_dropout=args.lora_dropout, target_modules="all-linear",
                                                       task_type="CAUSAL_LM"))
     n_params, n_matmul = count_params(model), matmul_params(model)
-    packed_lm = PackedLM(model, args.loss_chunk, flash)
+    packed_lm = PackedLM(model, args.loss_chunk)
     opt = adamw(model, args)
 
     def make_schedule(optimizer):  # DeepSpeed calls it with its own wrapper of `opt`
@@ -1505,7 +1651,7 @@ def main(argv=None):
         ddp = torch.nn.parallel.DistributedDataParallel(packed_lm) if world > 1 else None
         runner = ddp or packed_lm
     with torch.no_grad(), autocast:
-        err = check_isolation(model, flash)
+        err = check_isolation(model)
     model.train()
     log(f"model: {model_path} ({n_params / 1e6:.1f}M params{', LoRA' if args.lora else ''}), attention {attn}, "
         f"compute {dtype}, {'DeepSpeed ZeRO-' + str(zero_stage) if zero_stage else 'plain PyTorch' + (' DDP' if ddp else '')}, "
@@ -1537,6 +1683,11 @@ def main(argv=None):
     bar = tqdm(total=total_steps, initial=step, disable=not master, desc=f"stage {args.stage}", dynamic_ncols=True)
     end = min(total_steps, step + args.stop_after) if args.stop_after else total_steps
     last_saved = step if start else -1
+
+    def checkpoint(step, position):  # a save stalls training: say how long, and on what
+        took = save_checkpoint(ckpt_root, step, engine, model, opt, sched, rank, args.keep_last, world, position)
+        log(f"checkpoint step-{step:07d}: {took['total']:.1f} s (writing {took['write']:.1f} s, "
+            f"hashing {took['hash']:.1f} s)")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     # The data position: `done` packs of epoch `epoch` are trained. It is saved in every checkpoint
@@ -1605,7 +1756,7 @@ def main(argv=None):
                         "world_size": world, "grad_accum": args.grad_accum, "global_batch": world * args.grad_accum,
                         "total_steps": total_steps}
             if step % args.save_every == 0 or step == end or stop_now:
-                save_checkpoint(ckpt_root, step, engine, model, opt, sched, rank, args.keep_last, world, position)
+                checkpoint(step, position)
                 last_saved = step
             if stop_now:
                 bar.close()
@@ -1618,7 +1769,7 @@ def main(argv=None):
             epoch, done = epoch + 1, 0
     bar.close()
     if last_saved != step:
-        save_checkpoint(ckpt_root, step, engine, model, opt, sched, rank, args.keep_last, world, position)
+        checkpoint(step, position)
     if master:
         log_file.close()
         if tb:
@@ -1632,10 +1783,12 @@ def main(argv=None):
 
     # --- final weights: a Hugging Face folder in the checkpoint's own dtype
     final = os.path.join(run_dir, "final")
+    t0 = time.time()
     save_final(final, args, run_dir, model, peft_model if args.lora else None, engine, zero_stage, tokenizer,
                stored_dtype, config, master)
     barrier()
-    log(f"saved {final} after {step} steps; log {log_path}, curve {os.path.join(run_dir, 'loss.png')}")
+    log(f"saved {final} after {step} steps ({time.time() - t0:.1f} s); log {log_path}, "
+        f"curve {os.path.join(run_dir, 'loss.png')}")
     if dist.is_initialized():
         dist.destroy_process_group()
     return 0

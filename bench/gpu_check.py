@@ -8,17 +8,21 @@ NVIDIA machine, written to one JSON that BENCHMARKS.md quotes (`make gpu-check`)
 
 The checks, in order (each in its own subprocess, so a failure or an out-of-memory in one is
 recorded and the rest still run):
-  1. isolation   packed == per-sample on the real attention kernel (flash-attention varlen when
-                 installed): two InternLM2-shaped layers in bf16, samples of 1,500 and 2,500 tokens
-                 packed together vs the second alone, plus train.py's own 16-token start-up check;
-  2. zero3_step  one bf16 DeepSpeed ZeRO-3 step of train.py (torchrun, 1 process) on a randomly
-                 initialised InternLM2-1.8B-shaped model with 32k packs of LawBench-shaped samples;
+  1. isolation   packed == per-sample on the attention train.py picks (PyTorch's varlen kernel):
+                 the kernel alone bitwise, then two InternLM2-shaped layers in bf16, samples of
+                 1,500 and 2,500 tokens packed together vs the second alone, plus train.py's own
+                 16-token start-up check;
+  2. zero3_step  three bf16 DeepSpeed ZeRO-3 steps of train.py (torchrun, 1 process) on a randomly
+                 initialised InternLM2-1.8B-shaped model with 32k packs of LawBench-shaped samples:
+                 tokens/s, MFU, peak memory, the checkpoint's writing and hashing seconds, the final
+                 weights' seconds; for a failure, the worker's own last lines;
   3. mfu_7b      bench/mfu.py --shape internlm2-7b --no-optimizer: forward + backward at 32k;
   4. loss_memory bench/loss_memory.py --gpu: chunked vs full-logits loss at 32k x 92,544;
   5. generation  greedy generate() tokens/s of the 1.8B-shaped model, batch 8, 1,024-token prompts.
 Without a GPU (and without --smoke) it stops at once and says so.
 """
 import argparse
+import inspect
 import json
 import os
 import subprocess
@@ -35,8 +39,8 @@ SHAPE_TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, nu
                   num_key_value_heads=2, vocab_size=6000)
 
 
-def run(cmd, timeout, env=None):
-    """(return code, seconds, the last lines of output) of a subprocess."""
+def run(cmd, timeout, env=None, full=False):
+    """(return code, seconds, the last lines of output, or all of it with full) of a subprocess."""
     t0 = time.time()
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
@@ -44,38 +48,91 @@ def run(cmd, timeout, env=None):
         rc, out = r.returncode, (r.stdout + r.stderr)
     except subprocess.TimeoutExpired as exc:
         rc, out = 124, f"timed out after {timeout} s\n{exc.stdout or ''}"
-    return rc, time.time() - t0, "\n".join(str(out).strip().splitlines()[-15:])
+    lines = str(out).strip().splitlines()
+    return rc, time.time() - t0, "\n".join(lines if full else lines[-15:])
 
 
 def check_isolation(smoke):
-    """Step 1, in this (sub)process: the hidden states of a sample inside a pack vs alone."""
+    """Step 1, in this (sub)process: a sample inside a pack vs the same sample alone, on the kernel
+    train.py chooses (PyTorch's varlen kernel on a GPU; its per-sample reference slot in --smoke).
+    The kernel alone must give bitwise the same output (num_splits=1 makes FA2 batch invariant);
+    the whole model in bf16 only to a tolerance (its matmuls see other row counts)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
     import train
     gpu = torch.cuda.is_available() and not smoke
     device = torch.device("cuda" if gpu else "cpu")
-    attn = train.pick_attention("auto", device, 4096, print)
+    attn = train.pick_attention("auto" if gpu else "varlen_reference", device, 4096, print)
     shape = {**(SHAPE_TINY if smoke else SHAPE_18B), "num_hidden_layers": 2}
+    dtype = torch.bfloat16 if gpu else torch.float32
+    la, lb = (150, 250) if smoke else (1500, 2500)
+    # the kernel alone: q/k/v of two samples packed vs the second one alone
+    kernel = {"varlen": train.torch_varlen, "varlen_reference": train.per_sample_sdpa}.get(attn)
+    kernel_fig = {}
+    if kernel is not None:
+        g = torch.Generator(device=device).manual_seed(2)
+        heads, kv, d = shape["num_attention_heads"], shape["num_key_value_heads"], shape["hidden_size"] // shape["num_attention_heads"]
+        q, k, v = (torch.randn(la + lb, n, d, generator=g, device=device, dtype=dtype) for n in (heads, kv, kv))
+        cu = lambda *lens: torch.tensor([0, *lens], dtype=torch.int32, device=device).cumsum(0, dtype=torch.int32)  # noqa: E731
+        with torch.no_grad():
+            packed = kernel(q, k, v, cu(la, lb), lb, None)[la:]
+            alone = kernel(q[la:], k[la:], v[la:], cu(lb), lb, None)
+        # FA2 without num_splits (torch 2.10/2.11) may split a long sample's keys by batch shape
+        from torch.nn.attention import varlen
+        expected = kernel is train.per_sample_sdpa or "num_splits" in inspect.signature(varlen.varlen_attn).parameters
+        kernel_fig = {"kernel_bitwise_equal": bool(torch.equal(packed, alone)), "kernel_bitwise_expected": expected,
+                      "kernel_max_abs_diff": (packed.float() - alone.float()).abs().max().item()}
     torch.manual_seed(0)
     cfg = LlamaConfig(max_position_embeddings=32768, rope_theta=1e6, **shape)
-    cfg._attn_implementation = attn
-    dtype = torch.bfloat16 if gpu else torch.float32
     with torch.device(device):
         model = LlamaForCausalLM(cfg).to(dtype).eval()
-    flash = attn.startswith("flash")
-    la, lb = (150, 250) if smoke else (1500, 2500)
+    model.set_attn_implementation(attn)
     g = torch.Generator().manual_seed(1)
     a, b = torch.randint(3, cfg.vocab_size, (la,), generator=g), torch.randint(3, cfg.vocab_size, (lb,), generator=g)
     packed = train.collate_pack([{"input_ids": a, "labels": a}, {"input_ids": b, "labels": b}], la + lb)
     with torch.no_grad():
         h = model.model(input_ids=packed["input_ids"].to(device), position_ids=packed["position_ids"].to(device),
-                        use_cache=False, **train.varlen_kwargs(packed, device, flash)).last_hidden_state[0, la:].float()
+                        use_cache=False, **train.boundary_kwargs(packed, device)).last_hidden_state[0, la:].float()
         alone = model.model(input_ids=b[None].to(device), use_cache=False).last_hidden_state[0].float()
         err = ((h - alone).abs().max() / alone.abs().max()).item()
-        startup = train.check_isolation(model, flash)
+        startup = train.check_isolation(model)
     tol = 5e-2 if gpu else 1e-4
     return {"attention": attn, "dtype": str(dtype), "samples": [la, lb], "relative_error": err,
-            "startup_check_error": startup, "tolerance": tol, "isolated": err <= tol}
+            "startup_check_error": startup, "tolerance": tol, **kernel_fig,
+            "isolated": err <= tol and (kernel_fig.get("kernel_bitwise_equal", True)
+                                        or not kernel_fig.get("kernel_bitwise_expected"))}
+
+
+def worker_error(log_dir):
+    """The last lines of the first failed worker's own output (torchrun's summary names only the
+    rank), from the files torchrun --tee writes under log_dir."""
+    import glob
+    for path in sorted(glob.glob(os.path.join(log_dir, "**", "stderr.log"), recursive=True)):
+        lines = open(path, errors="replace").read().strip().splitlines()
+        if any(x.startswith(("Traceback", "error:")) or "Error" in x for x in lines):
+            return "\n".join(lines[-30:])
+    return None
+
+
+def train_figures(out_dir, output):
+    """zero3_step's figures: the last step's row of log.jsonl, the attention used, and how long
+    the last checkpoint (writing vs hashing, from its manifest) and the final weights took."""
+    import glob
+    import re
+    run = os.path.join(out_dir, "stage1")
+    rows = [json.loads(x) for x in open(os.path.join(run, "log.jsonl"))]
+    fig = {k: rows[-1][k] for k in ("loss", "tokens", "tokens_per_s_per_device", "mfu", "peak_mem_gib", "fill",
+                                    "time_s")}
+    fig["attention"] = json.load(open(os.path.join(run, "train_config.json")))["attention"]
+    manifests = sorted(glob.glob(os.path.join(run, "checkpoints", "step-*", "manifest.json")))
+    if manifests:
+        sec = json.load(open(manifests[-1])).get("seconds", {})
+        fig["checkpoint_write_s"], fig["checkpoint_hash_s"] = sec.get("write"), sec.get("hash")
+        if sec.get("write") is not None and sec.get("hash") is not None:
+            fig["checkpoint_hash_share"] = sec["hash"] / max(sec["write"] + sec["hash"], 1e-9)
+    m = re.search(r"saved \S+ after \d+ steps \(([\d.]+) s\)", output)
+    fig["final_weights_s"] = float(m.group(1)) if m else None
+    return fig
 
 
 def make_model_and_data(folder, smoke, max_len):
@@ -156,9 +213,16 @@ def main():
               "torch": torch.__version__, "steps": {}}
     try:
         import flash_attn
-        report["flash_attn"] = flash_attn.__version__
+        report["flash_attn"] = flash_attn.__version__  # optional: train.py uses PyTorch's own kernel
     except ImportError:
         report["flash_attn"] = None
+    try:
+        import transformers
+        report["transformers"] = transformers.__version__
+        import deepspeed
+        report["deepspeed"] = deepspeed.__version__
+    except ImportError as exc:
+        report["missing"] = str(exc)
 
     def record(name, rc, seconds, tail, figures=None):
         report["steps"][name] = {"ok": rc == 0 and figures is not None, "rc": rc, "seconds": round(seconds, 1),
@@ -174,17 +238,18 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         in_subprocess("isolation")
         model_dir, data = make_model_and_data(tmp, a.smoke, max_len)
-        out_dir = os.path.join(tmp, "run")
+        out_dir, logs = os.path.join(tmp, "run"), os.path.join(tmp, "torchrun-logs")
         rc, dt, tail = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
+                            "--log-dir", logs, "--tee", "3",
                             os.path.join(ROOT, "train.py"), "--stage", "1", "--model", model_dir, "--data", data,
-                            "--out-dir", out_dir, "--max-len", str(max_len), "--max-steps", "2", "--zero-stage", "3",
-                            "--dtype", "fp32" if a.smoke else "bf16", "--save-every", "1000", "--warmup-ratio", "0"],
-                           1800, env={"OMP_NUM_THREADS": "1"} if a.smoke else None)
-        log = os.path.join(out_dir, "stage1", "log.jsonl")
-        rows = [json.loads(x) for x in open(log)] if os.path.exists(log) else []
-        record("zero3_step", rc, dt, tail, {k: rows[-1][k] for k in ("loss", "tokens", "tokens_per_s_per_device", "mfu",
-                                                                      "peak_mem_gib", "fill", "time_s")}
-               if rc == 0 and rows else None)
+                            "--out-dir", out_dir, "--max-len", str(max_len), "--max-steps", "3", "--zero-stage", "3",
+                            "--dtype", "fp32" if a.smoke else "bf16", "--save-every", "1000", "--warmup-ratio", "0",
+                            *(["--attn", "varlen_reference"] if a.smoke else [])],
+                           1800, env={"OMP_NUM_THREADS": "1"} if a.smoke else None, full=True)
+        if rc:
+            tail = (worker_error(logs) or "") + "\n--- torchrun ---\n" + "\n".join(tail.splitlines()[-15:])
+        record("zero3_step", rc, dt, "\n".join(tail.splitlines()[-45:]),
+               train_figures(out_dir, tail) if rc == 0 else None)
         fig_file = os.path.join(tmp, "mfu.json")
         mfu = [sys.executable, os.path.join(ROOT, "bench", "mfu.py"), "--json", fig_file]
         mfu += ["--shape", "tiny", "--max-len", "1024", "--steps", "2", "--warmup", "1"] if a.smoke else \

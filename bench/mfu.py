@@ -13,7 +13,8 @@ sample trained. Each step is train.py's forward_backward (isolated samples, chun
 unless --no-optimizer, AdamW on fp32 master weights under bf16 autocast -- train.py's plain loop
 on one device. --no-optimizer keeps bf16 weights and skips the optimizer, so that a 7B model and
 its gradients fit one 80 GB GPU; the optimizer step is a small part of a 32k step, and model
-FLOPs (train.step_flops) don't count it. Flash-attention varlen is used when installed.
+FLOPs (train.step_flops) don't count it. Attention is train.py's --attn auto (PyTorch's varlen
+kernel on a GPU) unless --attn says otherwise.
 The first --warmup steps are not timed.
 XTuner's figure is converted to MFU with the same FLOP formula and these packs' lengths, so the
 comparison is across hardware at equal accounting: A100 bf16 peak 312 TFLOP/s.
@@ -67,6 +68,7 @@ def main():
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default %(default)s)")
     p.add_argument("--no-optimizer", action="store_true", help="bf16 weights, forward + backward only")
     p.add_argument("--no-gradient-checkpointing", action="store_true")
+    p.add_argument("--attn", default="auto", help="train.py's --attn (default auto: varlen on a GPU, sdpa on CPU)")
     p.add_argument("--peak-tflops", type=float, help="override the accelerator's bf16 peak")
     p.add_argument("--json", metavar="FILE", help="also write the figures to FILE (bench/gpu_check.py reads it)")
     a = p.parse_args()
@@ -74,7 +76,7 @@ def main():
 
     gpu = torch.cuda.is_available()
     device = torch.device("cuda" if gpu else "cpu")
-    attn = train.pick_attention("auto", device, a.max_len, print)
+    attn = train.pick_attention(a.attn, device, a.max_len, print)
     cfg = LlamaConfig(max_position_embeddings=max(32768, a.max_len), rope_theta=1e6, tie_word_embeddings=False,
                       **SHAPES[a.shape])
     cfg._attn_implementation = attn
@@ -85,7 +87,7 @@ def main():
     if not a.no_gradient_checkpointing and gpu:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    runner = train.PackedLM(model, 2048, attn.startswith("flash"))
+    runner = train.PackedLM(model, 2048)
     opt = None if a.no_optimizer else torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=gpu)
     packs = make_packs(a.max_len, a.warmup + a.steps, cfg.vocab_size)

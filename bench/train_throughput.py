@@ -80,7 +80,7 @@ def run_ours(data, tokenizer_dir, max_len, gpu):
     n_trained, _, _ = train.scan_tokens(ds)
     idx, sel_len, _ = train.select_samples(ds["length"], n_trained, max_len, "drop")
     packs = train.pack_best_fit(sel_len, max_len, seed=0)
-    runner = train.PackedLM(model, 2048, False)
+    runner = train.PackedLM(model, 2048)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=gpu)
     real = computed = 0

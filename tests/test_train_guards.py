@@ -162,25 +162,6 @@ def test_train_refuses_a_dynamic_rope_model_packed_beyond_its_context(tmp_path, 
 
 
 # ---------------------------------------------------------------------------------------------
-# Attention on a GPU without flash-attention
-
-def test_auto_attention_on_a_gpu_without_flash_attn_warns_and_refuses_long_packs(monkeypatch):
-    monkeypatch.setitem(sys.modules, "flash_attn", None)  # import flash_attn -> ImportError, on any machine
-    gpu, said = torch.device("cuda", 0), []
-    with pytest.raises(SystemExit, match=r"flash_attn is not installed \(pip install flash-attn.*--max-len 32768.*"
-                                         r"--attn sdpa to accept"):
-        train.pick_attention("auto", gpu, 32768, said.append)
-    assert train.pick_attention("auto", gpu, 4096, said.append) == "sdpa"
-    assert said and said[-1].startswith("WARNING: flash_attn is not installed")
-    assert train.pick_attention("sdpa", gpu, 32768, said.append) == "sdpa"  # asked for explicitly: allowed, said
-    assert "dense [32768 x 32768] mask" in said[-1]
-    with pytest.raises(SystemExit, match="needs the flash_attn package"):
-        train.pick_attention("flash_attention_2", gpu, 4096, said.append)
-    n = len(said)
-    assert train.pick_attention("auto", torch.device("cpu"), 32768, said.append) == "sdpa" and len(said) == n
-
-
-# ---------------------------------------------------------------------------------------------
 # Paths, before anything heavy
 
 def run_main(args):

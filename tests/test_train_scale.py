@@ -102,18 +102,23 @@ def test_stage1_then_stage2_under_torchrun_with_zero3(tmp_path, demo_prepared, t
 
 
 def test_zero3_gives_the_losses_and_weights_of_the_plain_ddp_path(tmp_path, demo_prepared, tiny):
-    for z in ("3", "0"):
-        torchrun(["--stage", "1", *common(demo_prepared, tiny, tmp_path / f"z{z}", "--max-steps", "4",
-                                          "--grad-accum", "2", "--weight-decay", "0.1", "--zero-stage", z)])
-    a, b = read_log(tmp_path / "z3" / "stage1"), read_log(tmp_path / "z0" / "stage1")
-    for x, y in zip(a, b):
-        assert x["loss"] == pytest.approx(y["loss"], rel=1e-6, abs=1e-6)
-        assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-4)
-    w3 = load_file(str(tmp_path / "z3" / "stage1" / "final" / "model.safetensors"))
+    """... and so does ZeRO-3 through the varlen attention slot (its per-sample reference kernel:
+    the boundaries reach the attention of a model DeepSpeed partitioned)."""
+    runs = {"z3": ["--zero-stage", "3"], "z0": ["--zero-stage", "0"],
+            "z3-varlen": ["--zero-stage", "3", "--attn", "varlen_reference"]}
+    for name, extra in runs.items():
+        torchrun(["--stage", "1", *common(demo_prepared, tiny, tmp_path / name, "--max-steps", "4",
+                                          "--grad-accum", "2", "--weight-decay", "0.1", *extra)])
+    assert json.load(open(tmp_path / "z3-varlen" / "stage1" / "train_config.json"))["attention"] == "varlen_reference"
     w0 = load_file(str(tmp_path / "z0" / "stage1" / "final" / "model.safetensors"))
-    assert w3.keys() == w0.keys()
-    for k in w0:
-        torch.testing.assert_close(w3[k], w0[k], atol=1e-5, rtol=0, msg=lambda m: f"{k}: {m}")
+    for name in ("z3", "z3-varlen"):
+        for x, y in zip(read_log(tmp_path / name / "stage1"), read_log(tmp_path / "z0" / "stage1")):
+            assert x["loss"] == pytest.approx(y["loss"], rel=1e-6, abs=1e-6)
+            assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-4)
+        w3 = load_file(str(tmp_path / name / "stage1" / "final" / "model.safetensors"))
+        assert w3.keys() == w0.keys()
+        for k in w0:
+            torch.testing.assert_close(w3[k], w0[k], atol=1e-5, rtol=0, msg=lambda m: f"{name} {k}: {m}")
 
 
 def test_final_folder_reloads_with_the_weights_deepspeed_reconstructs_from_its_shards(tmp_path, demo_prepared, tiny):
@@ -316,6 +321,14 @@ def test_lora_trains_only_adapters_and_saves_a_merged_model_and_the_adapter(tmp_
     assert torch.equal(merged["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
     with pytest.raises(SystemExit, match="--lora needs"):
         train.main(["--stage", "1", *common(demo_prepared, tiny, out, "--lora", "--zero-stage", "3")])
+
+
+def test_lora_through_the_varlen_slot_gives_the_sdpa_losses(tmp_path, demo_prepared, tiny):
+    args = lambda name, *extra: ["--stage", "1", *common(demo_prepared, tiny, tmp_path / name, "--max-steps", "4",  # noqa: E731
+                                                         "--zero-stage", "0", "--lora", "--lora-r", "4", *extra)]
+    assert train.main(args("sdpa")) == 0
+    assert train.main(args("varlen", "--attn", "varlen_reference")) == 0
+    assert losses(tmp_path / "varlen" / "stage1") == pytest.approx(losses(tmp_path / "sdpa" / "stage1"), rel=1e-5)
 
 
 def test_continued_pretraining_trains_every_token_of_raw_text(tmp_path, demo_prepared, tiny, statute_rows):
