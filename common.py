@@ -1,9 +1,11 @@
 """
 common.py -- what prepare_data.py, train.py and evaluate.py all need: messages, atomic file and
-folder writes, and the client for OpenAI-compatible servers (evaluate.py's generation and
-prepare_data.py's judge). Standard library only at import (openai is imported by the client's
-functions), so importing it costs nothing (`evaluate.py score` never imports torch) and each
-script can be forked with just this file beside it.
+folder writes, append-only JSONL files, the chat template's end of turn, and generation -- in
+process (evaluate.py's LawBench replies and judge, prepare_data.py's judge: one copy of loading,
+dtype, batching, left padding, stop ids and the split over torchrun ranks) or through an
+OpenAI-compatible server. Standard library only at import (torch, transformers and openai are
+imported by the functions that use them), so importing it costs nothing (`evaluate.py score`
+never imports torch) and each script can be forked with just this file beside it.
 """
 import json
 import os
@@ -54,6 +56,21 @@ def read_jsonl_map(path, key, value):
     return out
 
 
+def open_jsonl_append(path):
+    """An append-only JSONL file (progress, cache) opened for appending. A line torn by a kill is
+    closed first, so that the next record starts on a line of its own (the torn one is then
+    skipped on reading: read_jsonl_map)."""
+    torn = False
+    if os.path.exists(path) and os.path.getsize(path):
+        with open(path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            torn = f.read(1) != b"\n"
+    out = open(path, "a", encoding="utf-8")
+    if torn:
+        out.write("\n")
+    return out
+
+
 def write_json(path, obj):
     atomic_write(path, lambda f: f.write(json.dumps(obj, ensure_ascii=False, indent=1).encode("utf-8")))
 
@@ -75,6 +92,134 @@ def replace_dir(tmp, final):
     os.rename(tmp, final)
     if old:
         shutil.rmtree(old)
+
+
+# ----------------------------------------------------------------------------------------------
+# Chat templates and in-process generation (torch and transformers are imported inside)
+
+
+def end_of_turn(tok, override=None):
+    """The token that closes an assistant turn in the chat template (trained, so the model
+    learns to stop). Found by rendering a probe conversation."""
+    if override:
+        return override
+    probe = [{"role": "user", "content": "PROBEQ"}, {"role": "assistant", "content": "PROBEA"}]
+    text = tok.apply_chat_template(probe, tokenize=False)
+    after = text[text.index("PROBEA") + len("PROBEA"):]
+    specials = sorted(set(tok.all_special_tokens) | {t.content for t in tok.added_tokens_decoder.values()},
+                      key=len, reverse=True)
+    for s in specials:
+        if s and after.startswith(s):
+            return s
+    fail("cannot tell the end-of-turn token from the chat template (the assistant text is "
+         f"followed by {after[:20]!r}); give it with --eot-token")
+
+
+def model_fingerprint(path, api_base=None):
+    """Identifies the weights behind a prediction folder, so that a resume never mixes replies of
+    two models: the weight files' names, sizes and modification times, and config.json; for a
+    served model, the server's URL and the model's name."""
+    import hashlib
+    if api_base:
+        return hashlib.sha256(f"{api_base.rstrip('/')}\0{path}".encode()).hexdigest()[:16]
+    h = hashlib.sha256(str(os.path.abspath(path)).encode())
+    if os.path.isdir(path):
+        for name in sorted(os.listdir(path)):
+            full = os.path.join(path, name)
+            if name.endswith((".safetensors", ".bin")) or name == "config.json":
+                st = os.stat(full)
+                h.update(f"{name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def setup_ranks(api):
+    """(rank, world, device, collectives). Under torchrun the in-process backend splits each
+    task's items across the ranks, one model per GPU; a server needs one client process."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1 and api:
+        fail("with --api-base run one process (python evaluate.py ...): the serving engine does the "
+             "parallelism; raise --concurrency instead")
+    if api:
+        return 0, 1, None, (lambda: None), (lambda x: x)
+    import torch
+    import torch.distributed as dist
+    rank, local = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+    def barrier():
+        if world > 1:
+            dist.barrier()
+
+    def total(x):
+        if world == 1:
+            return x
+        t = torch.tensor(int(x), device=device)
+        dist.all_reduce(t)
+        return int(t.item())
+    return rank, world, device, barrier, total
+
+
+def load_generator(path, trust_remote_code, device):
+    """(model, tokenizer, ids that end a reply) for greedy batched generation with left padding, on
+    `device`: a GPU computes in bf16 (a checkpoint stored in fp32 too), a CPU in the stored dtype."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, padding_side="left")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype="auto", trust_remote_code=trust_remote_code)
+    except ValueError as exc:
+        fail(f"cannot load {path} ({exc}); checkpoints with their own modelling code (e.g. InternLM2) need "
+             "--trust-remote-code")
+    if device is not None and device.type == "cuda" and model.dtype == torch.float32:
+        model.to(torch.bfloat16)
+    model.to(device).eval()
+    stop = {tok.eos_token_id}
+    if tok.chat_template:
+        stop.add(tok.convert_tokens_to_ids(end_of_turn(tok)))
+    stop |= set(model.generation_config.eos_token_id if isinstance(model.generation_config.eos_token_id, list)
+                else [model.generation_config.eos_token_id])
+    return model, tok, sorted(i for i in stop if i is not None)
+
+
+def generate_replies(model, tok, stop_ids, prompts, todo, batch_size, max_new_tokens, on_batch):
+    """Greedy replies to prompts[i] for i in todo, each as one user turn of the model's chat
+    template, in batches; on_batch([(i, reply), ...]) after each. Longest prompts first: batches
+    of similar lengths waste no padding, and an out-of-memory error shows up in the first batch
+    rather than after an hour. Returns the number of prompts truncated to fit the context."""
+    import torch
+    limit = getattr(model.config, "max_position_embeddings", None)
+    texts = {i: tok.apply_chat_template([{"role": "user", "content": prompts[i]}], tokenize=False,
+                                        add_generation_prompt=True) if tok.chat_template else prompts[i] for i in todo}
+    ids = {i: tok(t, add_special_tokens=not tok.chat_template)["input_ids"] for i, t in texts.items()}
+    truncated = 0
+    todo = sorted(todo, key=lambda i: -len(ids[i]))
+    for k in range(0, len(todo), batch_size):
+        batch = todo[k:k + batch_size]
+        rows = []
+        for i in batch:
+            x = ids[i]
+            if limit and len(x) + max_new_tokens > limit:  # keep the end: the question and the reply cue
+                x, truncated = x[len(x) + max_new_tokens - limit:], truncated + 1
+            rows.append(x)
+        width = max(map(len, rows))
+        input_ids = torch.tensor([[tok.pad_token_id] * (width - len(r)) + r for r in rows], device=model.device)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=model.device)
+        with torch.no_grad():
+            gen = model.generate(input_ids=input_ids, attention_mask=mask, do_sample=False, num_beams=1,
+                                 max_new_tokens=max_new_tokens, eos_token_id=stop_ids, pad_token_id=tok.pad_token_id,
+                                 temperature=None, top_p=None, top_k=None)
+        replies = []
+        for i, row in zip(batch, gen[:, width:].tolist()):
+            row = row[:next((j for j, t in enumerate(row) if t in stop_ids), len(row))]
+            replies.append((i, tok.decode(row, skip_special_tokens=True)))
+        on_batch(replies)
+    return truncated
 
 
 # ----------------------------------------------------------------------------------------------

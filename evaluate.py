@@ -59,7 +59,8 @@ from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 
 from cherrant import cherrant_edits_many, cherrant_resources, compare_edits, f_beta
-from common import api_client, atomic_write, chat_replies, check_served, read_jsonl_map, write_json
+from common import (api_client, atomic_write, chat_replies, check_served, generate_replies, load_generator,
+                    model_fingerprint, open_jsonl_append, read_jsonl_map, setup_ranks, write_json)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # ChERRANT's lexical resources (from LawBench, Apache-2.0, see lawbench_assets/NOTICE.md).
@@ -917,20 +918,6 @@ def read_partial(path):
     return done
 
 
-def open_partial(path):
-    """The progress file for appending. A line torn by a kill is closed first, so that the next
-    record starts on a line of its own (the torn one is then skipped on reading)."""
-    torn = False
-    if os.path.exists(path) and os.path.getsize(path):
-        with open(path, "rb") as f:
-            f.seek(-1, os.SEEK_END)
-            torn = f.read(1) != b"\n"
-    out = open(path, "a", encoding="utf-8")
-    if torn:
-        out.write("\n")
-    return out
-
-
 def partial_path(partial_dir, task, rank):
     """Rank 0 (and a single process) appends to <task>.jsonl, rank r to <task>.rank<r>.jsonl."""
     return os.path.join(partial_dir, f"{task}.jsonl" if rank == 0 else f"{task}.rank{rank}.jsonl")
@@ -946,68 +933,11 @@ def read_partials(partial_dir, task, n_items):
     return {i: p for i, p in done.items() if i < n_items}
 
 
-def load_generator(path, trust_remote_code, device):
-    """(model, tokenizer, ids that end a reply) for greedy batched generation with left padding."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, padding_side="left")
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype="auto", trust_remote_code=trust_remote_code)
-    except ValueError as exc:
-        raise SystemExit(f"error: cannot load {path} ({exc}); checkpoints with their own modelling code "
-                         "(e.g. InternLM2) need --trust-remote-code")
-    model.to(device).eval()
-    stop = {tok.eos_token_id}
-    if tok.chat_template:
-        import prepare_data
-        eot = prepare_data.end_of_turn(tok)
-        stop.add(tok.convert_tokens_to_ids(eot))
-    stop |= set(model.generation_config.eos_token_id if isinstance(model.generation_config.eos_token_id, list)
-                else [model.generation_config.eos_token_id])
-    return model, tok, sorted(i for i in stop if i is not None)
-
-
-def generate_replies(model, tok, stop_ids, prompts, todo, batch_size, max_new_tokens, on_batch):
-    """Greedy replies to prompts[i] for i in todo, each as one user turn of the model's chat
-    template, in batches; on_batch([(i, reply), ...]) after each. Longest prompts first: batches
-    of similar lengths waste no padding, and an out-of-memory error shows up in the first batch
-    rather than after an hour. Returns the number of prompts truncated to fit the context."""
-    import torch
-    limit = getattr(model.config, "max_position_embeddings", None)
-    texts = {i: tok.apply_chat_template([{"role": "user", "content": prompts[i]}], tokenize=False,
-                                        add_generation_prompt=True) if tok.chat_template else prompts[i] for i in todo}
-    ids = {i: tok(t, add_special_tokens=not tok.chat_template)["input_ids"] for i, t in texts.items()}
-    truncated = 0
-    todo = sorted(todo, key=lambda i: -len(ids[i]))
-    for k in range(0, len(todo), batch_size):
-        batch = todo[k:k + batch_size]
-        rows = []
-        for i in batch:
-            x = ids[i]
-            if limit and len(x) + max_new_tokens > limit:  # keep the end: the question and the reply cue
-                x, truncated = x[len(x) + max_new_tokens - limit:], truncated + 1
-            rows.append(x)
-        width = max(map(len, rows))
-        input_ids = torch.tensor([[tok.pad_token_id] * (width - len(r)) + r for r in rows], device=model.device)
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=model.device)
-        with torch.no_grad():
-            gen = model.generate(input_ids=input_ids, attention_mask=mask, do_sample=False, num_beams=1,
-                                 max_new_tokens=max_new_tokens, eos_token_id=stop_ids, pad_token_id=tok.pad_token_id,
-                                 temperature=None, top_p=None, top_k=None)
-        replies = []
-        for i, row in zip(batch, gen[:, width:].tolist()):
-            row = row[:next((j for j, t in enumerate(row) if t in stop_ids), len(row))]
-            replies.append((i, tok.decode(row, skip_special_tokens=True)))
-        on_batch(replies)
-    return truncated
-
-
 def generate_task(model, tok, stop_ids, prompts, done, partial_path, batch_size, max_new_tokens, bar, only=None):
     """Greedy replies for the prompts not in `done` (and in `only`: this rank's share), appended
     to partial_path batch by batch. Returns the number of prompts truncated to fit the context."""
     mine = [i for i in range(len(prompts)) if i not in done and (only is None or i in only)]
-    with open_partial(partial_path) as out:
+    with open_jsonl_append(partial_path) as out:
         def on_batch(replies):
             for i, text in replies:
                 done[i] = text
@@ -1021,7 +951,7 @@ def generate_task(model, tok, stop_ids, prompts, done, partial_path, batch_size,
 def generate_task_api(client, model_name, prompts, done, partial_path, todo, concurrency, max_new_tokens, bar):
     """generate_task through an OpenAI-compatible server: the server applies the model's chat
     template and stops at its end of turn; replies are appended as they arrive, in any order."""
-    with open_partial(partial_path) as out:
+    with open_jsonl_append(partial_path) as out:
         def on_reply(i, text):
             done[i] = text
             out.write(json.dumps({"id": i, "prediction": text}, ensure_ascii=False) + "\n")
@@ -1029,54 +959,6 @@ def generate_task_api(client, model_name, prompts, done, partial_path, todo, con
             os.fsync(out.fileno())
             bar.update(1)
         chat_replies(client, model_name, prompts, todo, max_new_tokens, concurrency, on_reply)
-
-
-def model_fingerprint(path, api_base=None):
-    """Identifies the weights behind a prediction folder, so that a resume never mixes replies of
-    two models: the weight files' names, sizes and modification times, and config.json; for a
-    served model, the server's URL and the model's name."""
-    import hashlib
-    if api_base:
-        return hashlib.sha256(f"{api_base.rstrip('/')}\0{path}".encode()).hexdigest()[:16]
-    h = hashlib.sha256(str(os.path.abspath(path)).encode())
-    if os.path.isdir(path):
-        for name in sorted(os.listdir(path)):
-            full = os.path.join(path, name)
-            if name.endswith((".safetensors", ".bin")) or name == "config.json":
-                st = os.stat(full)
-                h.update(f"{name}:{st.st_size}:{st.st_mtime_ns}".encode())
-    return h.hexdigest()[:16]
-
-
-def setup_ranks(api):
-    """(rank, world, device, collectives). Under torchrun the in-process backend splits each
-    task's items across the ranks, one model per GPU; a server needs one client process."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if world > 1 and api:
-        raise SystemExit("error: with --api-base run one process (python evaluate.py ...): the serving engine "
-                         "does the parallelism; raise --concurrency instead")
-    if api:
-        return 0, 1, None, (lambda: None), (lambda x: x)
-    import torch
-    import torch.distributed as dist
-    rank, local = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-
-    def barrier():
-        if world > 1:
-            dist.barrier()
-
-    def total(x):
-        if world == 1:
-            return x
-        t = torch.tensor(int(x), device=device)
-        dist.all_reduce(t)
-        return int(t.item())
-    return rank, world, device, barrier, total
 
 
 def cmd_generate(args):
@@ -1380,7 +1262,7 @@ def cmd_judge(args):
     prompts = {k: j["prompt"] for k, j in enumerate(todo_jobs)}
     started = time.time()
     if todo_jobs:
-        with open_partial(cache_path) as cf, tqdm(total=len(todo_jobs), desc="judge", unit="verdict",
+        with open_jsonl_append(cache_path) as cf, tqdm(total=len(todo_jobs), desc="judge", unit="verdict",
                                                   disable=args.quiet) as bar:
             def keep(replies):
                 for k, text in replies:

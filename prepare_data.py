@@ -10,6 +10,9 @@ against LawBench, mix per stage, tokenize with the chat template, report.
     # real scale: the base model's tokenizer, your own recipe, your LawBench checkout
     python prepare_data.py --recipe my_recipe.json --tokenizer /models/internlm2-chat-7b \\
         --trust-remote-code --out data/processed --decontaminate /src/LawBench/data --num-proc 16
+    # the same with a local LLM judge grading stage-2 candidates, split over 8 GPUs (bf16)
+    torchrun --nproc_per_node 8 prepare_data.py --recipe my_recipe.json --tokenizer /models/internlm2-chat-7b \\
+        --trust-remote-code --out data/processed --judge-model /models/internlm2-chat-20b
 
 Pipeline, in order. Every record read ends up either kept or counted under exactly one reason
 (the script checks `read == kept + sum(dropped)` per source and per stage before it writes):
@@ -59,7 +62,8 @@ from collections import Counter, defaultdict
 
 import numpy as np
 
-from common import api_client, chat_replies, check_served, fail, log, read_jsonl_map, replace_dir
+from common import (api_client, chat_replies, check_served, end_of_turn, fail, generate_replies, load_generator, log,
+                    model_fingerprint, open_jsonl_append, read_jsonl_map, replace_dir, setup_ranks)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -876,23 +880,6 @@ def load_tokenizer(path, trust_remote_code):
     return tok
 
 
-def end_of_turn(tok, override=None):
-    """The token that closes an assistant turn in the chat template (trained, so the model
-    learns to stop). Found by rendering a probe conversation."""
-    if override:
-        return override
-    probe = [{"role": "user", "content": "PROBEQ"}, {"role": "assistant", "content": "PROBEA"}]
-    text = tok.apply_chat_template(probe, tokenize=False)
-    after = text[text.index("PROBEA") + len("PROBEA"):]
-    specials = sorted(set(tok.all_special_tokens) | {t.content for t in tok.added_tokens_decoder.values()},
-                      key=len, reverse=True)
-    for s in specials:
-        if s and after.startswith(s):
-            return s
-    fail("cannot tell the end-of-turn token from the chat template (the assistant text is "
-         f"followed by {after[:20]!r}); give it with --eot-token")
-
-
 def train_bpe_tokenizer(texts, vocab_size, path):
     """A small byte-level BPE for the CPU demo, with InternLM2's chat tokens; real runs use the
     base model's tokenizer instead."""
@@ -1039,60 +1026,61 @@ def parse_judge_score(output):
     return v if 1 <= v <= 5 else None
 
 
-def judge_key(model_path, prompt, response):
-    """Cache key: rubric version, judge (a local folder, or a served model as URL|name), the pair."""
-    judge = model_path if "|" in model_path else os.path.abspath(model_path)
+def judge_key(judge, prompt, response):
+    """Cache key: rubric version, judge (the fingerprint of a local model's weights, or a served
+    model as URL|name), the pair."""
     ident = f"{RUBRIC_VERSION}\0{judge}\0{prompt}\0{response}"
     return hashlib.sha256(ident.encode()).hexdigest()
 
 
+def judge_cache_files(cache_path):
+    """The cache and the files torchrun ranks > 0 append to beside it (<cache>.rank<r>)."""
+    folder, name = os.path.split(os.path.abspath(cache_path))
+    names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    return [cache_path, *(os.path.join(folder, n) for n in names if re.fullmatch(re.escape(name) + r"\.rank\d+", n))]
+
+
 def judge_records(pairs, model_path, cache_path, cfg, api=None):
     """Scores (float or None) and raw outputs for [(prompt, response)], from the JSONL cache
-    where present (a run can be killed and restarted), otherwise generated greedily: in batches
-    by a local model, or through an OpenAI-compatible server when api = (client, model name,
-    concurrency) is given (model_path is then "URL|name"). The rubric is the same user turn."""
-    cache = read_jsonl_map(cache_path, "key", "output")  # a line cut short by a killed run is graded again
-    keys = [judge_key(model_path, p, r) for p, r in pairs]
+    where present (a run can be killed and restarted), otherwise generated greedily: by a local
+    model with evaluate.py's generator (common.generate_replies: bf16 on a GPU, batched, stopped at
+    the end of turn; under torchrun each rank grades its share), or through an OpenAI-compatible
+    server when api = (client, model name, concurrency) is given (model_path is then "URL|name").
+    The rubric is the same user turn. Returns (scores, outputs, number generated)."""
+    from tqdm import tqdm
+    judge = model_path if api else f"{os.path.abspath(model_path)}@{model_fingerprint(model_path)}"
+    files = judge_cache_files(cache_path) if cache_path else []
+    cache = {}
+    for f in files:  # a line cut short by a killed run is graded again
+        cache.update(read_jsonl_map(f, "key", "output"))
+    keys = [judge_key(judge, p, r) for p, r in pairs]
     todo = sorted({k: i for i, k in enumerate(keys) if k not in cache}.values())
-    if todo and api:
-        from tqdm import tqdm
-        client, name, concurrency = api
-        prompts = {i: JUDGE_RUBRIC.format(prompt=pairs[i][0], response=pairs[i][1]) for i in todo}
-        with open(cache_path, "a", encoding="utf-8") if cache_path else open(os.devnull, "w") as cf, \
-                tqdm(total=len(todo), desc="judge", unit="pair", disable=None) as bar:
-            def on_reply(i, out):
+    prompts = {i: JUDGE_RUBRIC.format(prompt=pairs[i][0], response=pairs[i][1]) for i in todo}
+    rank, world, device, barrier, total = setup_ranks(api=bool(api))
+    mine = todo[rank::world]
+    mine_path = (cache_path if rank == 0 else f"{cache_path}.rank{rank}") if cache_path else os.devnull
+    with open_jsonl_append(mine_path) as cf, \
+            tqdm(total=len(todo), desc="judge", unit="pair", disable=None if rank == 0 else True) as bar:
+        def keep(replies):
+            for i, out in replies:
                 cache[keys[i]] = out
                 cf.write(json.dumps({"key": keys[i], "output": out}, ensure_ascii=False) + "\n")
-                cf.flush()
-                bar.update(1)
-            chat_replies(client, name, prompts, todo, cfg["judge_max_new_tokens"], concurrency, on_reply)
-    elif todo:
-        import torch
-        from tqdm import tqdm
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-        tok = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg["trust_remote_code"])
-        model = AutoModelForCausalLM.from_pretrained(model_path, trust_remote_code=cfg["trust_remote_code"])
-        model.eval()
-        tok.padding_side = "left"
-        if tok.pad_token is None:
-            tok.pad_token = tok.eos_token
-        bs = cfg["judge_batch_size"]
-        with open(cache_path, "a", encoding="utf-8") if cache_path else open(os.devnull, "w") as cf:
-            for start in tqdm(range(0, len(todo), bs), desc="judge", unit="batch", disable=None):
-                idx = todo[start:start + bs]
-                prompts = [JUDGE_RUBRIC.format(prompt=pairs[i][0], response=pairs[i][1]) for i in idx]
-                if tok.chat_template:
-                    prompts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                                       add_generation_prompt=True) for p in prompts]
-                batch = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=not tok.chat_template)
-                with torch.no_grad():
-                    gen = model.generate(**batch, max_new_tokens=cfg["judge_max_new_tokens"], do_sample=False,
-                                         pad_token_id=tok.pad_token_id)
-                for i, row in zip(idx, gen[:, batch["input_ids"].shape[1]:]):
-                    out = tok.decode(row, skip_special_tokens=True)
-                    cache[keys[i]] = out
-                    cf.write(json.dumps({"key": keys[i], "output": out}, ensure_ascii=False) + "\n")
-                cf.flush()
+            cf.flush()
+            bar.update(len(replies) * world)
+        if mine and api:
+            client, name, concurrency = api
+            chat_replies(client, name, prompts, mine, cfg["judge_max_new_tokens"], concurrency,
+                         lambda i, out: keep([(i, out)]))
+        elif mine:
+            model, tok, stop_ids = load_generator(model_path, cfg["trust_remote_code"], device)
+            generate_replies(model, tok, stop_ids, prompts, mine, cfg["judge_batch_size"],
+                             cfg["judge_max_new_tokens"], keep)
+    barrier()  # every rank's grades are on disk
+    for f in judge_cache_files(cache_path) if world > 1 else []:
+        cache.update(read_jsonl_map(f, "key", "output"))
+    missing = [i for i, k in enumerate(keys) if k not in cache]
+    if missing:
+        fail(f"the judge gave no output for {len(missing)} pair(s) (first: record {missing[0]}); run again to resume")
     outputs = [cache[k] for k in keys]
     return [parse_judge_score(o) for o in outputs], outputs, len(todo)
 
@@ -1548,6 +1536,14 @@ def main(argv=None):
             fail("--judge-api-base needs --judge-api-model NAME, and replaces --judge-model")
         args.judge_api_client, served = api_client(args.judge_api_base, args.judge_api_key_env)
         check_served(served, args.judge_api_model, args.judge_api_base)
+    # torchrun only splits a local judge's grading over GPUs: every rank reads and filters the same
+    # way (deterministic), grades its share, and rank 0 alone goes on to write the outputs
+    rank, barrier = 0, lambda: None
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        if not args.judge_model:
+            fail("under torchrun prepare_data.py only splits --judge-model's grading over the processes; "
+                 "without a local judge run it as one process (python prepare_data.py ...)")
+        rank, _, _, barrier, _ = setup_ranks(api=False)
     audit = []  # one entry per dropped record: (order key, dropped.jsonl line)
 
     # --- 1. read and normalise -----------------------------------------------------------------
@@ -1559,10 +1555,11 @@ def main(argv=None):
         fail("no usable records in any source")
 
     # --- tokenizer (trained here for the demo, or the base model's) and the LawBench index --------
-    if args.build_tokenizer:
+    if args.build_tokenizer and rank == 0:
         texts = ("\n".join(m["content"] for m in msgs) for msgs in recs["messages"])
         train_bpe_tokenizer(texts, args.build_tokenizer, args.tokenizer)
         log(f"trained a {args.build_tokenizer}-token BPE tokenizer -> {args.tokenizer}")
+    barrier()
     tok = load_tokenizer(args.tokenizer, args.trust_remote_code)
     eot = end_of_turn(tok, args.eot_token)
     specials = sorted(set(tok.all_special_tokens) | {t.content for t in tok.added_tokens_decoder.values()
@@ -1613,6 +1610,8 @@ def main(argv=None):
 
     # --- 4. stages: the judge (optional), weights, the general ratio ---------------------------
     judge, judge_info = run_judge(args, cfg, sources, recs, kept_by_source)
+    if rank > 0:  # under torchrun the other ranks only helped grade; rank 0 writes everything
+        return 0
     stage_rows, stage_stats = {}, {}
     for stage in (1, 2):
         stage_rows[stage], stage_stats[f"stage{stage}"] = build_stage(

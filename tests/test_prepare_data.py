@@ -719,3 +719,56 @@ def test_demo_recipe_drops_exactly_the_planted_bad_records(demo_prepared):
         packs = train.pack_best_fit(lengths, 32768)
         assert rep["stages"][stage]["packs"] == len(packs) >= rep["stages"][stage]["packs_lower_bound"]
         assert rep["stages"][stage]["pack_fill"] == pytest.approx(train.fill_efficiency(packs, np.asarray(lengths), 32768))
+
+
+def test_new_weights_saved_at_the_judges_path_are_graded_again(tmp_path, bpe_tokenizer):
+    """The cache is keyed by a fingerprint of the judge's weights, not by its path: a judge
+    retrained into the same folder must not reuse the old grades."""
+    sources = [src("web", write_jsonl(tmp_path / "b.jsonl", rand_records(5, 2)), high_quality=False)]
+    judge = str(tmp_path / "judge")
+    args = ["--judge-max-new-tokens", 1, "--judge-threshold", 4, "--judge-cache", tmp_path / "cache.jsonl",
+            "--judge-model", judge]
+    constant_model(bpe_tokenizer, "4", judge)
+    _, rep = run_prepare(tmp_path, bpe_tokenizer, sources, args)
+    assert rep["judge"]["generated"] == 5 and rep["stages"]["stage2"]["rows_per_source"] == {"web": 5}
+    constant_model(bpe_tokenizer, "2", judge)  # new weights, same folder
+    _, rep = run_prepare(tmp_path, bpe_tokenizer, sources, args)
+    assert rep["judge"]["generated"] == 5 and rep["stages"]["stage2"]["dropped"] == {"judge_low_score": 5}
+
+
+def test_the_local_judge_generates_with_evaluates_generator():
+    """One copy of loading, dtype, batching, left padding and stop ids, in common.py."""
+    import common
+    import evaluate
+    assert pdata.load_generator is evaluate.load_generator is common.load_generator
+    assert pdata.generate_replies is evaluate.generate_replies is common.generate_replies
+
+
+@pytest.mark.slow
+def test_under_torchrun_the_local_judge_is_split_over_the_ranks(tmp_path, bpe_tokenizer):
+    import subprocess
+    import sys
+    sources = [src("hq", write_jsonl(tmp_path / "a.jsonl", rand_records(3, 1))),
+               src("web", write_jsonl(tmp_path / "b.jsonl", rand_records(7, 2)), high_quality=False)]
+    good = constant_model(bpe_tokenizer, "4", str(tmp_path / "judge4"))
+    recipe = write_json(tmp_path / "recipe.json", {"sources": sources})
+    args = ["--recipe", recipe, "--tokenizer", bpe_tokenizer, "--judge-max-new-tokens", "1", "--judge-threshold", "4"]
+    one, _ = run_prepare(tmp_path, bpe_tokenizer, sources, ["--judge-max-new-tokens", 1, "--judge-threshold", 4,
+                                                            "--judge-model", good, "--judge-cache", tmp_path / "c1.jsonl"],
+                         out="one")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           pdata.__file__, *args, "--out", str(tmp_path / "two")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd + ["--judge-model", good, "--judge-cache", str(tmp_path / "c2.jsonl")], env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [open(tmp_path / n, encoding="utf-8").read().splitlines() for n in ("c2.jsonl", "c2.jsonl.rank1")]
+    assert len(lines[0]) == 4 and len(lines[1]) == 3  # 7 candidates dealt out over 2 ranks
+    for name in ("stage1", "stage2"):
+        assert open(tmp_path / "one" / name / "data-00000-of-00001.arrow", "rb").read() == \
+            open(tmp_path / "two" / name / "data-00000-of-00001.arrow", "rb").read()
+    rep = json.load(open(tmp_path / "two" / "report.json", encoding="utf-8"))
+    assert rep["judge"]["generated"] == 7 and rep["stages"]["stage2"]["rows_per_source"] == {"hq": 3, "web": 7}
+    # without a local judge there is nothing to split: one process is asked for
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert r.returncode != 0 and "only splits --judge-model's grading" in r.stderr
