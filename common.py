@@ -41,19 +41,28 @@ def atomic_write(path, write):
         raise
 
 
-def read_jsonl_map(path, key, value):
-    """{row[key]: row[value]} from an append-only JSONL file (a progress file or a cache). A line
-    torn by a killed run, or one without the fields, is skipped: that item is simply done again."""
-    out = {}
+def read_jsonl(path):
+    """The rows of an append-only JSONL file (progress, cache, log) that a kill may have cut at any
+    byte, even inside a multi-byte character: a line that does not decode or parse as a JSON
+    object is skipped (it is the torn last one; its item is simply done again). A missing file
+    has no rows."""
+    rows = []
     if path and os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
+        with open(path, "rb") as f:
             for line in f:
                 try:
-                    row = json.loads(line)
-                    out[row[key]] = row[value]
-                except (ValueError, KeyError, TypeError):
+                    row = json.loads(line.decode("utf-8"))
+                except ValueError:  # UnicodeDecodeError and JSONDecodeError are both ValueErrors
                     continue
-    return out
+                if isinstance(row, dict):
+                    rows.append(row)
+    return rows
+
+
+def read_jsonl_map(path, key, value):
+    """{row[key]: row[value]} from an append-only JSONL file (read_jsonl); a row without the fields
+    is skipped like a torn one."""
+    return {row[key]: row[value] for row in read_jsonl(path) if key in row and value in row}
 
 
 def open_jsonl_append(path):
@@ -73,6 +82,33 @@ def open_jsonl_append(path):
 
 def write_json(path, obj):
     atomic_write(path, lambda f: f.write(json.dumps(obj, ensure_ascii=False, indent=1).encode("utf-8")))
+
+
+def lock_folder(folder, advice):
+    """An exclusive lock on an output folder (a training run, a prediction or judge folder) for
+    this process, with its host, pid and start time in `folder/.lock`: two runs never write the
+    same files. flock is released by the kernel when its holder dies, so a lock left by a killed
+    run is never in the way (its record is returned, to be reported). A busy folder stops with
+    the holder and `advice`. Returns (the open lock file, which must stay open for the whole run;
+    the previous holder's record)."""
+    import fcntl
+    import socket
+    import time
+    os.makedirs(folder, exist_ok=True)
+    f = open(os.path.join(folder, ".lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        fail(f"{folder} is in use by {holder}; {advice}")
+    f.seek(0)
+    previous = f.read().strip()
+    f.seek(0)
+    f.truncate()
+    f.write(f"host {socket.gethostname()} pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    f.flush()
+    return f, previous
 
 
 def staging_dir(final):

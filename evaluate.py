@@ -60,7 +60,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 from cherrant import cherrant_edits_many, cherrant_resources, compare_edits, f_beta
 from common import (api_client, atomic_write, chat_replies, check_served, generate_replies, load_generator,
-                    model_fingerprint, open_jsonl_append, read_jsonl_map, setup_ranks, write_json)
+                    lock_folder, model_fingerprint, open_jsonl_append, read_jsonl_map, setup_ranks, write_json)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # ChERRANT's lexical resources (from LawBench, Apache-2.0, see lawbench_assets/NOTICE.md).
@@ -977,12 +977,17 @@ def cmd_generate(args):
         if not tok.chat_template and master:
             print(f"warning: {args.model} has no chat template; prompts are given as plain text", file=sys.stderr)
         backend = {"backend": "transformers", "processes": world, "chat_template": bool(tok.chat_template)}
+    if master:  # one writer per prediction folder (held until this process ends)
+        out_lock, _ = lock_folder(args.out, "two generate runs must not write the same --out; wait for that one "  # noqa: F841
+                                  "(or stop it: a rerun resumes), or use another --out")
     partial_dir = os.path.join(args.out, ".partial")
     meta = {"model": args.model, "fingerprint": model_fingerprint(args.model, args.api_base), "setting": args.setting,
             "max_new_tokens": args.max_new_tokens, "decoding": "greedy", **backend}
     meta_path = os.path.join(args.out, ".generation.json")
+    old_tasks = {}
     if os.path.exists(meta_path):
         old = json.load(open(meta_path, encoding="utf-8"))
+        old_tasks = old.get("tasks") or {}
         diff = [k for k in ("fingerprint", "setting", "max_new_tokens") if old.get(k) != meta[k]]
         if diff:
             raise SystemExit(f"error: {args.out} holds predictions made with other {', '.join(diff)} "
@@ -1003,7 +1008,10 @@ def cmd_generate(args):
         items = data[task]
         prompts = [lawbench_prompt(it) for it in items]
         if os.path.exists(final) and len(json.load(open(final, encoding="utf-8"))) == len(items):
-            meta["tasks"][task] = {"items": len(items), "resumed": "complete"}
+            before = old_tasks.get(task, {})  # what the run that finished it recorded
+            meta["tasks"][task] = {"items": len(items), "resumed": "complete",
+                                   **({"prompts_truncated": before["prompts_truncated"]}
+                                      if "prompts_truncated" in before else {})}
             continue
         done = read_partials(partial_dir, task, len(items))
         resumed = len(done)
@@ -1043,8 +1051,11 @@ def cmd_generate(args):
         meta["generation_seconds"] = round(elapsed, 3)  # after loading the model: generation alone
         write_json(meta_path, meta)  # a dot-file: the scorer reads DIR/<task>.json only
         n = sum(len(v) for v in data.values())
-        print(f"Generated {n} predictions for {len(tasks)} task(s) in {elapsed:.0f} s ({n / max(elapsed, 1e-9):.2f} "
-              f"items/s, {'server ' + args.api_base if api else f'{world} process(es)'}) -> {args.out}", file=sys.stderr)
+        resumed = sum(t.get("resumed_items", t["items"] if t.get("resumed") == "complete" else 0)
+                      for t in meta["tasks"].values())
+        print(f"Generated {n - resumed} new predictions ({resumed} resumed) for {len(tasks)} task(s) in {elapsed:.0f} s "
+              f"({(n - resumed) / max(elapsed, 1e-9):.2f} items/s, "
+              f"{'server ' + args.api_base if api else f'{world} process(es)'}) -> {args.out}", file=sys.stderr)
     barrier()
     return 0
 
@@ -1255,7 +1266,8 @@ def cmd_judge(args):
                 jobs.append({"model": m, "id": q["id"], "task": q["task"], "order": order,
                              "key": judge_key(judge, q["question"], a, b),
                              "prompt": PAIRWISE_RUBRIC.format(question=q["question"], answer_a=a, answer_b=b)})
-    os.makedirs(args.out, exist_ok=True)
+    out_lock, _ = lock_folder(args.out, "two judge runs must not write the same --out; wait for that one, or "  # noqa: F841
+                              "use another --out")
     cache_path = args.cache or os.path.join(args.out, "judge_cache.jsonl")
     cache = read_jsonl_map(cache_path, "key", "output")  # torn lines are judged again
     todo_jobs = list({j["key"]: j for j in jobs if j["key"] not in cache}.values())

@@ -156,14 +156,37 @@ SHOW_PROBLEMS = 5     # file:line examples per source and reason in report.md (a
 # ----------------------------------------------------------------------------------------------
 # Recipe
 
+# The recipe's schema: every key a recipe may have, at top level and per source. Anything else is
+# a typo that would be ignored ("high_qualty": true, "stage": [1, 2]) and is refused instead.
+RECIPE_KEYS = {"sources", "general_ratio", "max_tokens", "min_tokens", "_comment"}
+SOURCE_KEYS = {
+    "name", "path", "dataset", "statutes",        # what it is: exactly one of path / dataset / statutes
+    "category", "stages", "weight", "high_quality", "format", "language", "encoding",
+    "data_files", "config", "split",              # datasets.load_dataset(dataset, name=config, ...)
+    "laws", "max_articles", "per_article", "templates",  # statute synthesis
+    "_comment"}
+
+
+def check_keys(keys, valid, where):
+    """Stop on a key outside the schema, naming the nearest valid one."""
+    import difflib
+    for key in keys:
+        if key not in valid:
+            near = difflib.get_close_matches(key, sorted(valid), n=1, cutoff=0.5)
+            fail(f"{where}: unknown key {key!r}" + (f"; did you mean {near[0]!r}?" if near else "")
+                 + f" (valid: {', '.join(sorted(k for k in valid if k != '_comment'))})")
+
+
 def load_recipe(path):
-    """Read and check the recipe; paths in it are relative to the recipe file."""
+    """Read and check the recipe against its schema (RECIPE_KEYS, SOURCE_KEYS); paths in it are
+    relative to the recipe file."""
     try:
         recipe = json.loads(read_text(path))
     except json.JSONDecodeError as e:
         fail(f"{path}:{e.lineno}: recipe is not valid JSON ({e.msg})")
     if not isinstance(recipe, dict):
         fail(f"{path}: the recipe must be a JSON object with a 'sources' list")
+    check_keys(recipe, RECIPE_KEYS, path)
     base = os.path.dirname(os.path.abspath(path))
     sources = recipe.get("sources")
     if not isinstance(sources, list) or not sources:
@@ -177,6 +200,7 @@ def load_recipe(path):
         if not name or name in names:
             fail(f"{where}: every source needs a unique 'name'")
         names.add(name)
+        check_keys(s, SOURCE_KEYS, f"{where} ({name})")
         kinds = [k for k in ("path", "dataset", "statutes") if k in s]
         if len(kinds) != 1:
             fail(f"{where} ({name}): give exactly one of 'path', 'dataset', 'statutes'")
@@ -1124,9 +1148,24 @@ def percentiles(lengths):
     return {f"p{p}": int(np.percentile(a, p, method="lower")) for p in (50, 90, 99)} | {"max": int(a.max())}
 
 
+def stage_warnings(sources, stage_stats):
+    """What the report must say up front: a stage that some sources ask for but that came out
+    empty (train.py --stage N would have nothing to train on)."""
+    out = []
+    for stage in (1, 2):
+        asking = [s["name"] for s in sources if stage in s["stages"]]
+        if asking and not stage_stats[f"stage{stage}"]["rows"]:
+            why = ("; stage 2 takes only high_quality sources, or others the judge grades high enough "
+                   "(--judge-model)") if stage == 2 else ""
+            out.append(f"stage {stage} is empty although {', '.join(asking)} ask(s) for it: every record was dropped "
+                       f"(see the stage table and dropped.jsonl){why}")
+    return out
+
+
 def markdown_report(rep):
     lines = ["# Data preparation report", "",
              f"Recipe: `{rep['recipe']}`  tokenizer: `{rep['tokenizer']}`  seed: {rep['seed']}", ""]
+    lines += [f"**Warning:** {w}" for w in rep.get("warnings", [])] + ([""] if rep.get("warnings") else [])
     reasons = [r for r in REASONS if any(s["dropped"].get(r) for s in rep["sources"].values())
                or any(s["dropped"].get(r) for s in rep["stages"].values())]
     lines += ["## Sources", "", "| source | category | format | read | kept | " + " | ".join(reasons)
@@ -1639,6 +1678,9 @@ def main(argv=None):
     report["dropped_records"] = dropped_summary(audit)
     if judge_info:
         report["judge"] = judge_info
+    report["warnings"] = stage_warnings(sources, stage_stats)
+    for w in report["warnings"]:
+        log(f"warning: {w}")
     t0 = time.time()
     out = os.path.abspath(args.out)
     md = write_outputs(out, feats, recs, sources, stage_rows, report, audit, tok, recipe, lengths, cfg)

@@ -56,7 +56,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from common import atomic_write, replace_dir, staging_dir, write_json
+from common import atomic_write, lock_folder, read_jsonl, replace_dir, staging_dir, write_json
 
 # DeepSpeed 0.19 still calls two collectives that torch 2.13 deprecated, and torch's warning repeats
 # at every call (~9,000 identical lines in one demo). Exactly those two are silenced: FutureWarning,
@@ -802,7 +802,7 @@ def plot_loss(log_path, png):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rows = [json.loads(line) for line in open(log_path)]
+    rows = read_jsonl(log_path)
     if not rows:
         return
     fig, ax = plt.subplots(figsize=(8, 4.5))
@@ -911,33 +911,6 @@ def checkpoint_to_resume(ckpt_root, rank, world, log):
                  "afresh over them. Resume one by hand with --resume PATH after repairing it, or start over with "
                  "--resume none (which deletes them)")
     return None
-
-
-def lock_run_dir(run_dir):
-    """An exclusive lock on the run folder for this run's rank 0, with the holder's host, pid and
-    start time in it: two runs never write the same checkpoints and log. flock is released by the
-    kernel when its holder dies, so a lock left by a killed run is never in the way (and its
-    record is reported). The returned file must stay open for the whole run."""
-    import fcntl
-    import socket
-    os.makedirs(run_dir, exist_ok=True)
-    path = os.path.join(run_dir, ".lock")
-    f = open(path, "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.seek(0)
-        holder = f.read().strip() or "another process"
-        sys.exit(f"error: {run_dir} is in use by {holder}; two runs must not write the same run folder. Stop that "
-                 "run first (kill -TERM its torchrun launcher and wait: the workers checkpoint and exit), or use "
-                 "another --out-dir")
-    f.seek(0)
-    previous = f.read().strip()
-    f.seek(0)
-    f.truncate()
-    f.write(f"host {socket.gethostname()} pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-    f.flush()
-    return f, previous
 
 
 def rng_state():
@@ -1316,12 +1289,19 @@ def check_inputs(args):
     if args.cpt_data:
         if not (glob.glob(args.cpt_data) or os.path.isfile(args.cpt_data)):
             sys.exit(f"error: --cpt-data {args.cpt_data}: no such files")
-    elif not os.path.isdir(os.path.join(args.data, f"stage{args.stage}")):
-        sys.exit(f"error: {os.path.join(args.data, f'stage{args.stage}')} not found: "
-                 f"run prepare_data.py --out {args.data} first (or pass --data)")
+    else:
+        stage_dir = os.path.join(args.data, f"stage{args.stage}")
+        if not os.path.isdir(stage_dir):
+            sys.exit(f"error: {stage_dir} not found: run prepare_data.py --out {args.data} first (or pass --data)")
+        if not os.path.isfile(os.path.join(stage_dir, "state.json")):  # what datasets' save_to_disk writes last
+            sys.exit(f"error: {stage_dir} is not a saved dataset (no state.json: empty, or an interrupted copy); "
+                     f"run prepare_data.py --out {args.data} again")
     model = args.model
     tok_dir = os.path.join(args.data, "tokenizer")
     has_tok = os.path.isdir(tok_dir)
+    if has_tok and not any(os.path.isfile(os.path.join(tok_dir, f)) for f in TOKENIZER_FILES):
+        sys.exit(f"error: {tok_dir} has no tokenizer files ({', '.join(TOKENIZER_FILES)}): an interrupted copy? "
+                 f"run prepare_data.py --out {args.data} again")
     if model is None:
         return tok_dir if has_tok else None
     if model.endswith(".json"):
@@ -1454,7 +1434,13 @@ def load_stage_data(args, tokenizer):
         data_name = os.path.join(args.data, f"stage{args.stage}")
         if not os.path.isdir(data_name):
             sys.exit(f"error: {data_name} not found: run prepare_data.py --out {args.data} first")
-        ds, cpt_counts = load_from_disk(data_name), None
+        with open(os.path.join(data_name, "state.json")) as f:
+            empty = not json.load(f).get("_data_files")  # datasets cannot load a saved dataset of 0 rows
+        ds, cpt_counts = (None if empty else load_from_disk(data_name)), None
+        if empty or not len(ds):
+            sys.exit(f"error: {data_name} has no rows: prepare_data.py kept no record for stage {args.stage} (its "
+                     f"{os.path.join(args.data, 'report.md')} says why; stage 2 takes high_quality sources only, or "
+                     "others graded by --judge-model)")
     check_schema(ds, data_name)
     lengths = ds.data.column("length").to_numpy().astype(np.int64)
     n_trained, n_within, max_id = scan_tokens(ds, args.max_len)
@@ -1476,19 +1462,67 @@ def adamw(model, args):
                              lr=args.lr, betas=tuple(args.betas))
 
 
+# What a resume may change. Every key of train_config.json is in exactly one of these sets (a test
+# checks it, so a new flag must be placed): the settings in RESUME_REFUSED define the run (its data,
+# model, length, seed, LoRA shape, precision and sharding) and cannot change mid-run; those in
+# RESUME_APPLIED are what users change on purpose (a lower lr after a NaN stop, clipping, the save
+# cadence, the kernel) and take effect from the resumed step on, with a warning and an entry in the
+# config's "changes"; RESUME_FREE may differ freely (where and how long this process runs; the world
+# size and accumulation are elastic, see resume_plan; the rest is derived from the settings above).
+RESUME_REFUSED = {"stage", "model_resolved", "model_in_out_dir", "data", "cpt_data", "max_len", "oversize",
+                  "max_steps", "epochs", "seed", "lora", "lora_r", "lora_alpha", "lora_dropout", "zero_stage",
+                  "compute_dtype"}
+RESUME_APPLIED = {"lr", "min_lr_ratio", "warmup_ratio", "weight_decay", "betas", "clip", "save_every", "keep_last",
+                  "loss_chunk", "gradient_checkpointing", "attn", "attention", "deepspeed"}
+RESUME_FREE = {"model", "out_dir", "resume", "stop_after", "log_every", "tensorboard", "peak_tflops",
+               "trust_remote_code", "world_size", "grad_accum", "total_steps", "steps_per_epoch", "data_counts",
+               "fill", "changes", "dtype"}  # dtype: as asked (auto); compute_dtype is what it resolved to
+
+
+def compare_settings(saved, config, start, step):
+    """The settings changed since the run being resumed, as [{setting, old, new, from_step}]; stops
+    on one that cannot change. The starting model is compared by its place inside --out-dir when
+    both runs made it there (init/, base-llama/, stage1/final), so a copied run folder resumes."""
+    def value(cfg, key):
+        if key == "model_resolved" and saved.get("model_in_out_dir") and config.get("model_in_out_dir"):
+            return cfg.get("model_in_out_dir")
+        if key == "model_in_out_dir":  # compared through model_resolved above
+            return None
+        return cfg.get(key)
+    refused = {k: (value(saved, k), value(config, k)) for k in sorted(RESUME_REFUSED) if value(saved, k) != value(config, k)}
+    if refused:
+        said = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in refused.items())
+        sys.exit(f"error: {start} belongs to a run with other settings ({said}). These define the run and cannot "
+                 "change mid-run: resume with the same ones, or start afresh with --resume none (or another --out-dir)")
+    return [{"setting": k, "old": saved.get(k), "new": config[k], "from_step": step + 1} for k in sorted(RESUME_APPLIED)
+            if k in saved and saved[k] != config[k]]
+
+
+def apply_hyperparameters(opt, sched, args):
+    """After loading a checkpoint, put this command's lr, betas and weight decay into the optimizer
+    and schedule, which the checkpoint restored with the old ones; the lr of the next step follows
+    the (possibly new) schedule at the resumed step, as if the run had had these settings all along."""
+    decay = [args.weight_decay, 0.0]  # adamw's two groups: matrices, then norms and biases
+    for group, wd in zip(opt.param_groups, decay):
+        group.update(betas=tuple(args.betas), weight_decay=wd, initial_lr=args.lr)
+    sched.base_lrs = [args.lr] * len(opt.param_groups)
+    for group, factor in zip(opt.param_groups, sched.lr_lambdas):
+        group["lr"] = args.lr * factor(sched.last_epoch)
+    sched._last_lr = [group["lr"] for group in opt.param_groups]
+
+
 def resume_step(args, start, run_dir, config, engine, model, opt, sched, rank, world, position, log):
-    """Load checkpoint `start` (None: a fresh run) and return the steps it holds; a checkpoint
-    written with other settings is refused. The world size and accumulation may differ
-    (resume_plan); ZeRO shards of another world size are loaded through the universal layout."""
+    """Load checkpoint `start` (None: a fresh run) and return the steps it holds. A checkpoint
+    written with settings that define the run is refused; settings users change on purpose are
+    applied from here on, with a warning, and recorded in config["changes"] (compare_settings).
+    The world size and accumulation may differ (resume_plan); ZeRO shards of another world size are
+    loaded through the universal layout."""
     if not start:
         return 0
     saved_file = os.path.join(run_dir, "train_config.json")
     saved = json.load(open(saved_file)) if os.path.exists(saved_file) else config
-    same = ("model_resolved", "data", "cpt_data", "max_len", "max_steps", "epochs", "seed", "lora", "zero_stage")
-    diff = {k: (saved.get(k), config[k]) for k in same if saved.get(k) != config[k]}
-    if diff:
-        sys.exit(f"error: {start} was written by a run with other settings {diff}; "
-                 "resume with the same ones, or start afresh with --resume none")
+    changes = compare_settings(saved, config, start, position["step"])
+    config["changes"] = saved.get("changes", []) + changes
     universal = None
     if engine is not None and position["world_size"] != world:
         universal = to_universal(start, run_dir, rank, log)
@@ -1497,6 +1531,11 @@ def resume_step(args, start, run_dir, config, engine, model, opt, sched, rank, w
         barrier()
         if rank == 0:
             shutil.rmtree(os.path.dirname(universal), ignore_errors=True)
+    if any(c["setting"] in ("lr", "min_lr_ratio", "warmup_ratio", "weight_decay", "betas") for c in changes):
+        apply_hyperparameters(opt, sched, args)
+    for c in changes:
+        log(f"warning: --{c['setting'].replace('_', '-')} changed since the run being resumed: {c['old']!r} -> "
+            f"{c['new']!r}, applied from step {step + 1} on (recorded in train_config.json's \"changes\")")
     log(f"resumed from {start}: {step} steps done" + (f", saved on {position['world_size']} rank(s)" if universal else ""))
     return step
 
@@ -1551,7 +1590,9 @@ def main(argv=None):
     run_dir = os.path.join(args.out_dir, f"stage{args.stage}")
     ckpt_root = os.path.join(run_dir, "checkpoints")
     if master:  # one writer per run folder; held until this process ends
-        run_lock, previous_holder = lock_run_dir(run_dir)  # noqa: F841
+        run_lock, previous_holder = lock_folder(  # noqa: F841
+            run_dir, "two runs must not write the same run folder. Stop that run first (kill -TERM its torchrun "
+            "launcher and wait: the workers checkpoint and exit), or use another --out-dir")
         if previous_holder:
             log(f"{run_dir}: the previous run ({previous_holder}) has ended; taking over its folder")
     barrier()
@@ -1657,7 +1698,9 @@ def main(argv=None):
         f"compute {dtype}, {'DeepSpeed ZeRO-' + str(zero_stage) if zero_stage else 'plain PyTorch' + (' DDP' if ddp else '')}, "
         f"gradient checkpointing {'on' if gc else 'off'}; packed-sample isolation checked (err {err:.1e})")
 
+    in_out_dir = os.path.relpath(model_path, args.out_dir)
     config = {**vars(args), "model_resolved": model_path, "world_size": world, "attention": attn, "compute_dtype": dtype,
+              "model_in_out_dir": None if in_out_dir.startswith("..") else in_out_dir, "changes": [],
               "zero_stage": zero_stage, "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
               "data_counts": counts, "fill": fill0}
     step = resume_step(args, start, run_dir, config, engine, model, opt, sched, rank, world, position, log)
@@ -1666,7 +1709,7 @@ def main(argv=None):
     if master:
         write_json(os.path.join(run_dir, "train_config.json"), config)
         # keep the log of the steps the checkpoint contains; anything after it is redone
-        kept = [line for line in open(log_path) if json.loads(line)["step"] <= step] if step and os.path.exists(log_path) else []
+        kept = [json.dumps(r) + "\n" for r in read_jsonl(log_path) if r.get("step", step + 1) <= step] if step else []
         atomic_write(log_path, lambda f: f.write("".join(kept).encode()))
     log_file = open(log_path, "a") if master else None
     tb = SummaryWriter(os.path.join(run_dir, "tensorboard")) if master and args.tensorboard else None

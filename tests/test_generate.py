@@ -80,12 +80,32 @@ def test_a_killed_run_resumes_without_redoing_finished_items(tmp_path, tiny_chat
         assert (killed / f"{task}.json").read_bytes() == (tmp_path / "straight" / f"{task}.json").read_bytes()
     meta = json.load(open(killed / ".generation.json"))
     assert meta["tasks"]["3-3"]["resumed_items"] == 3 and meta["tasks"]["1-1"]["resumed"] == "complete"
+    straight_meta = json.load(open(tmp_path / "straight" / ".generation.json"))
+    assert meta["tasks"]["1-1"]["prompts_truncated"] == straight_meta["tasks"]["1-1"]["prompts_truncated"]
     # other weights or settings never resume into the same folder
     with pytest.raises(SystemExit, match="other max_new_tokens"):
         generate(tiny_chat_model, killed, "--tasks", "1-1", "--max-new-tokens", "20")
     other = save_tiny_llama(str(tmp_path / "other"), tiny_chat_model)
     with pytest.raises(SystemExit, match="other fingerprint"):
         generate(other, killed, "--tasks", "1-1")
+
+
+def test_a_progress_file_torn_inside_a_character_resumes(tmp_path, tiny_chat_model, capsys):
+    """A kill while a long Chinese reply is being written leaves half a UTF-8 character at the end."""
+    assert generate(tiny_chat_model, tmp_path / "straight", "--tasks", "3-8", "--limit", "4") == 0
+    killed = tmp_path / "killed"
+    (killed / ".partial").mkdir(parents=True)
+    (killed / ".generation.json").write_bytes((tmp_path / "straight" / ".generation.json").read_bytes())
+    done = json.load(open(tmp_path / "straight" / "3-8.json", encoding="utf-8"))
+    lines = [json.dumps({"id": i, "prediction": done[str(i)]["prediction"]}, ensure_ascii=False).encode() for i in (0, 1)]
+    torn = json.dumps({"id": 2, "prediction": "根据《中华人民共和国民法典》"}, ensure_ascii=False).encode()
+    cut = torn.index("民".encode()) + 1  # one byte into a three-byte character
+    (killed / ".partial" / "3-8.jsonl").write_bytes(b"\n".join(lines) + b"\n" + torn[:cut])
+    capsys.readouterr()
+    assert generate(tiny_chat_model, killed, "--tasks", "3-8", "--limit", "4") == 0
+    assert (killed / "3-8.json").read_bytes() == (tmp_path / "straight" / "3-8.json").read_bytes()
+    said = capsys.readouterr().err
+    assert "Generated 2 new predictions (2 resumed)" in said  # items 2 and 3 were generated
 
 
 def test_run_generates_then_scores(tmp_path, tiny_chat_model):
@@ -106,3 +126,19 @@ def test_bad_inputs_are_named(tmp_path, tiny_chat_model):
     with pytest.raises(SystemExit, match=r"1-1.json: item 0"):
         evaluate.main(["generate", "--model", tiny_chat_model, "--lawbench-data", str(tmp_path / "data"),
                        "--out", str(tmp_path / "y"), "--tasks", "1-1"])
+
+
+def test_a_prediction_folder_in_use_by_another_run_is_refused_naming_it(tmp_path, tiny_chat_model):
+    """Two runs on one --out would both generate everything and end with a misleading 'no reply'."""
+    import common
+    out = tmp_path / "busy"
+    held, _ = common.lock_folder(str(out), "busy")  # another run holding the folder (flock: per open file)
+    try:
+        with pytest.raises(SystemExit, match=rf"{out} is in use by host \S+ pid {os.getpid()} since .*another --out"):
+            generate(tiny_chat_model, out, "--tasks", "3-8", "--limit", "2")
+        with pytest.raises(SystemExit, match=rf"{out} is in use by host .*use another --out"):
+            evaluate.main(["judge", "--predictions", os.path.join(ROOT, "lawbench_assets", "sample_predictions", "zero_shot"),
+                           "--reference", "GPT4", "--limit", "1", "--judge-model", tiny_chat_model, "--out", str(out)])
+    finally:
+        held.close()
+    assert generate(tiny_chat_model, out, "--tasks", "3-8", "--limit", "2") == 0  # free again: it runs

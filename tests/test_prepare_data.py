@@ -772,3 +772,40 @@ def test_under_torchrun_the_local_judge_is_split_over_the_ranks(tmp_path, bpe_to
     # without a local judge there is nothing to split: one process is asked for
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert r.returncode != 0 and "only splits --judge-model's grading" in r.stderr
+
+
+@pytest.mark.parametrize("where,key,typo,near", [
+    ("source", "high_quality", "high_qualty", "high_quality"),
+    ("source", "stages", "stage", "stages"),
+    ("top", "general_ratio", "general_ratoi", "general_ratio"),
+])
+def test_a_recipe_key_typo_is_refused_naming_file_source_and_nearest_key(tmp_path, where, key, typo, near):
+    s = src("web", write_jsonl(tmp_path / "b.jsonl", rand_records(3, 2)))
+    recipe = {"sources": [s]}
+    if where == "source":
+        s[typo] = s.pop(key) if key in s else True
+    else:
+        recipe[typo] = 0.1
+    path = write_json(tmp_path / "recipe.json", recipe)
+    src_part = r"sources\[0\] \(web\): " if where == "source" else ""
+    with pytest.raises(SystemExit, match=rf"{path}: {src_part}unknown key '{typo}'; did you mean '{near}'\?"):
+        pdata.load_recipe(path)
+
+
+def test_the_bundled_recipes_follow_the_schema():
+    for path in ("recipe.json", "recipes/internlm_law.json"):
+        pdata.load_recipe(os.path.join(os.path.dirname(pdata.__file__), path))
+
+
+def test_an_empty_stage_2_is_a_warning_in_the_report_and_a_clear_error_in_train(tmp_path, bpe_tokenizer):
+    """Every stage-2 source is low quality and no judge runs: stage 2 comes out empty."""
+    import train
+    sources = [src("web", write_jsonl(tmp_path / "b.jsonl", rand_records(4, 2)), high_quality=False)]
+    out, rep = run_prepare(tmp_path, bpe_tokenizer, sources)
+    assert rep["stages"]["stage2"]["rows"] == 0
+    assert len(rep["warnings"]) == 1 and rep["warnings"][0].startswith("stage 2 is empty although web ask(s) for it")
+    assert "**Warning:** stage 2 is empty" in open(os.path.join(out, "report.md"), encoding="utf-8").read()
+    with pytest.raises(SystemExit, match=r"stage2 has no rows: prepare_data.py kept no record for stage 2"):
+        train.main(["--stage", "2", "--data", out, "--model", os.path.join(os.path.dirname(train.__file__), "demo_data",
+                                                                           "tiny_llama.json"),
+                    "--out-dir", str(tmp_path / "run"), "--zero-stage", "0"])

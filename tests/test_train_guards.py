@@ -186,6 +186,28 @@ def test_missing_data_is_named_before_any_tokenizer_or_model_is_loaded(tmp_path,
     assert "bare config (random init), which has no tokenizer" in msg, msg
 
 
+def test_an_empty_stage_folder_tokenizer_folder_or_stage_are_one_line_errors(tmp_path, bpe_tokenizer):
+    """What a crashed copy or a recipe that fed no record to a stage leaves: each named in one line
+    (they were a FileNotFoundError, a ValueError and an IndexError from datasets)."""
+    model = os.path.join(ROOT, "demo_data", "tiny_llama.json")
+    run = lambda data: run_main(["--stage", "1", "--data", data, "--model", model, "--zero-stage", "0",  # noqa: E731
+                                 "--out-dir", str(tmp_path / "out")])
+    empty_stage = tmp_path / "a"
+    (empty_stage / "stage1").mkdir(parents=True)
+    shutil.copytree(bpe_tokenizer, empty_stage / "tokenizer")
+    assert "a/stage1 is not a saved dataset (no state.json" in run(str(empty_stage))
+    empty_tok = write_stage_data(str(tmp_path / "b"), [sft_row(20, 5)], bpe_tokenizer)
+    shutil.rmtree(os.path.join(empty_tok, "tokenizer"))
+    os.makedirs(os.path.join(empty_tok, "tokenizer"))
+    assert "b/tokenizer has no tokenizer files" in run(empty_tok)
+    from datasets import Dataset
+    no_rows = tmp_path / "c"
+    Dataset.from_list([sft_row(20, 5)]).select([]).save_to_disk(str(no_rows / "stage1"))
+    shutil.copytree(bpe_tokenizer, no_rows / "tokenizer")
+    msg = run(str(no_rows))
+    assert msg.startswith("error: ") and "c/stage1 has no rows: prepare_data.py kept no record for stage 1" in msg
+
+
 def test_an_unknown_model_path_or_unreachable_hub_id_is_one_line_not_a_traceback(tmp_path, bpe_tokenizer, monkeypatch):
     import huggingface_hub.constants
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # nothing leaves the machine

@@ -382,3 +382,19 @@ def test_on_cpu_a_deepspeed_that_cannot_start_falls_back_to_the_plain_loop(tmp_p
     assert "plain PyTorch" in printed
     assert json.load(open(out / "stage1" / "train_config.json"))["zero_stage"] == 0
     assert len(read_log(out / "stage1")) == 2
+
+
+def test_zero3_resumed_with_another_lr_and_betas_uses_them_from_the_resumed_step(tmp_path, demo_prepared, tiny):
+    """DeepSpeed restores its optimizer's and schedule's hyperparameters from the checkpoint; the
+    command's new ones must win (train.apply_hyperparameters), as in the plain loop."""
+    a = ["--stage", "1", *common(demo_prepared, tiny, tmp_path, "--max-steps", "8", "--warmup-ratio", "0.25")]
+    torchrun(a + ["--stop-after", "4"])
+    out = torchrun(a + ["--lr", "3e-3", "--betas", "0.8", "0.9"])
+    assert "--lr changed since the run being resumed: 0.001 -> 0.003, applied from step 5 on" in out.stdout + out.stderr
+    log = read_log(tmp_path / "stage1")
+    assert [r["step"] for r in log] == list(range(1, 9))
+    for r in log:
+        peak = 1e-3 if r["step"] <= 4 else 3e-3
+        assert r["lr"] == pytest.approx(train.lr_at(r["step"] - 1, 8, 2, peak, 0.0), rel=1e-9)
+    changes = json.load(open(tmp_path / "stage1" / "train_config.json"))["changes"]
+    assert {c["setting"] for c in changes} == {"lr", "betas"}

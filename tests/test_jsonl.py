@@ -1,0 +1,51 @@
+"""The append-only JSONL files every script resumes from (generation progress, judge caches,
+train.py's log): a kill may cut the last line at any byte, even inside a multi-byte character.
+Reading keeps every complete record and skips the torn one; appending first closes the torn line."""
+import json
+
+import common
+
+RECORDS = [{"id": 0, "prediction": "根据《中华人民共和国刑法》第二百六十四条，盗窃公私财物，数额较大的，处三年以下有期徒刑。"},
+           {"id": 1, "prediction": "法条:刑法第264条"},
+           {"id": 2, "prediction": "答案：B。理由：……"}]
+
+
+def write_cut(path, cut):
+    data = b"".join(json.dumps(r, ensure_ascii=False).encode("utf-8") + b"\n" for r in RECORDS)
+    path.write_bytes(data[:cut])
+    return data
+
+
+def test_a_file_cut_at_any_byte_reads_as_its_complete_records(tmp_path):
+    path = tmp_path / "p.jsonl"
+    data = write_cut(path, None)
+    ends = [i + 1 for i, b in enumerate(data) if b == ord("\n")]
+    for cut in range(len(data) + 1):
+        write_cut(path, cut)
+        complete = sum(end <= cut for end in ends)
+        # a cut right before the newline leaves a whole object: it reads as complete too
+        whole = complete + (cut + 1 in ends)
+        assert common.read_jsonl(str(path)) == RECORDS[:whole], cut
+        assert common.read_jsonl_map(str(path), "id", "prediction") == {r["id"]: r["prediction"] for r in RECORDS[:whole]}
+
+
+def test_appending_after_a_cut_inside_a_character_starts_a_new_line(tmp_path):
+    path = tmp_path / "p.jsonl"
+    data = write_cut(path, None)
+    first_end = data.index(b"\n") + 1
+    inside = first_end + len(b'{"id": 1, "prediction": "') + 4  # two bytes into "法" (3 bytes in UTF-8)
+    write_cut(path, inside)
+    try:
+        path.read_bytes().decode("utf-8")
+        raise AssertionError("the cut should be inside a character")
+    except UnicodeDecodeError:
+        pass
+    with common.open_jsonl_append(str(path)) as f:
+        f.write(json.dumps(RECORDS[2], ensure_ascii=False) + "\n")
+    assert common.read_jsonl(str(path)) == [RECORDS[0], RECORDS[2]]
+
+
+def test_a_missing_file_and_rows_without_the_fields_read_as_nothing(tmp_path):
+    assert common.read_jsonl(str(tmp_path / "none.jsonl")) == [] and common.read_jsonl(None) == []
+    (tmp_path / "odd.jsonl").write_text('[1, 2]\n{"id": 3}\n"text"\n{"id": 4, "prediction": "x"}\n')
+    assert common.read_jsonl_map(str(tmp_path / "odd.jsonl"), "id", "prediction") == {4: "x"}
