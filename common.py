@@ -7,15 +7,27 @@ OpenAI-compatible server. Standard library only at import (torch, transformers a
 imported by the functions that use them), so importing it costs nothing (`evaluate.py score`
 never imports torch) and each script can be forked with just this file beside it.
 """
+import contextlib
+import glob
 import json
 import os
 import shutil
+import stat
 import sys
 import tempfile
 
 
 def log(msg):
-    print(msg, file=sys.stderr, flush=True)
+    """A line for the user, on stderr, from rank 0 only (RANK, as torchrun sets it; the other ranks
+    would repeat it), written around any tqdm progress bar rather than through it."""
+    if int(os.environ.get("RANK", 0)) != 0:
+        return
+    try:
+        from tqdm import tqdm
+        tqdm.write(msg, file=sys.stderr)
+        sys.stderr.flush()
+    except ImportError:
+        print(msg, file=sys.stderr, flush=True)
 
 
 def fail(msg):
@@ -80,6 +92,15 @@ def open_jsonl_append(path):
     return out
 
 
+def append_jsonl(f, rows):
+    """Append dict rows to a file from open_jsonl_append, one JSON line each, and make them durable
+    (flush + fsync) before returning: what a resumed run reads back is what was said to be done."""
+    f.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    f.flush()
+    if stat.S_ISREG(os.fstat(f.fileno()).st_mode):  # not /dev/null (no cache asked for)
+        os.fsync(f.fileno())
+
+
 def write_json(path, obj):
     atomic_write(path, lambda f: f.write(json.dumps(obj, ensure_ascii=False, indent=1).encode("utf-8")))
 
@@ -111,27 +132,113 @@ def lock_folder(folder, advice):
     return f, previous
 
 
-def staging_dir(final):
-    """An empty folder beside `final` to build it in; replace_dir swaps it in."""
-    tmp = final.rstrip("/") + f".tmp-{os.getpid()}"
+@contextlib.contextmanager
+def staged_folder(final):
+    """Build a folder in `with staged_folder(final) as tmp:`, beside `final`; when the block ends it
+    replaces `final` (the old one is removed only after the swap). If the block fails, the staging
+    folder is removed: a crashed 7B conversion leaves no 15 GB behind. Staging folders of earlier
+    processes that died before either (final.tmp-<pid>, that pid gone) are removed first."""
+    final = final.rstrip("/")
+    for stale in glob.glob(glob.escape(final) + ".tmp-*"):
+        pid = stale.rsplit("-", 1)[1]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = f"{final}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    return tmp
-
-
-def replace_dir(tmp, final):
-    """Move a finished folder into place; the old one (if any) is removed only afterwards."""
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     old = None
     if os.path.exists(final):
-        old = final.rstrip("/") + f".old-{os.getpid()}"
+        old = f"{final}.old-{os.getpid()}"
         os.rename(final, old)
     os.rename(tmp, final)
     if old:
         shutil.rmtree(old)
 
 
+def pid_alive(pid):
+    """Whether a process with this id exists on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# ----------------------------------------------------------------------------------------------
+# Packing: train.py packs with it, prepare_data.py's report counts the packs train.py will make
+
+
+def pack_best_fit(lengths, max_len, seed=0, epoch=0):
+    """Best-fit-decreasing bin packing of whole samples. Returns a list of packs, each an int64
+    array of sample indices, in a shuffled order that depends only on (seed, epoch).
+
+    Samples are visited longest first; each goes into the open pack whose free space is the
+    smallest that still fits it. Equal lengths are visited in a random order per epoch, so the
+    same samples don't always share a pack; the number of packs doesn't depend on that order.
+    Every length must be in [1, max_len]."""
+    import numpy as np
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if len(lengths) and (lengths.min() < 1 or lengths.max() > max_len):
+        raise ValueError(f"sample lengths must be in [1, {max_len}]")
+    rng = np.random.default_rng([seed, epoch])
+    perm = rng.permutation(len(lengths))
+    order = perm[np.argsort(-lengths[perm], kind="stable")]
+    # Best fit needs "smallest free space >= length" a million times. Free spaces are integers in
+    # [1, max_len], so one Python int serves as a bitset of the free-space values some pack has:
+    # shifting it right by `length` and taking the lowest set bit answers the query in a few
+    # word-parallel big-int operations, ~1M samples in a few seconds, with no tree to maintain.
+    by_space = [[] for _ in range(max_len + 1)]  # free space -> ids of packs with exactly that space
+    has_space = 0
+    members = []
+    for i, n in zip(order.tolist(), lengths[order].tolist()):
+        above = has_space >> n
+        if above:
+            space = n + (above & -above).bit_length() - 1
+            b = by_space[space].pop()
+            if not by_space[space]:
+                has_space ^= 1 << space
+        else:
+            space, b = max_len, len(members)
+            members.append([])
+        members[b].append(i)
+        space -= n
+        if space:
+            if not by_space[space]:
+                has_space |= 1 << space
+            by_space[space].append(b)
+    return [np.array(members[b], dtype=np.int64) for b in rng.permutation(len(members))]
+
+
+def trained_positions(labels):
+    """The trained-token rule, in one place: the positions 1.. whose label is not -100. The loss
+    scores the logits at t against labels[t + 1], so nothing predicts a sample's first token and
+    its label never counts (train.py's collate_pack sets it to -100; its trained_tokens and
+    scan_tokens apply this rule vectorised, and prepare_data.py's report counts with it)."""
+    return sum(1 for y in labels[1:] if y != -100)
+
+
+def fill_efficiency(packs, lengths, max_len):
+    """Real tokens / capacity of the packs (1.0 = no padding at all)."""
+    return float(sum(int(lengths[p].sum()) for p in packs)) / (len(packs) * max_len) if packs else 0.0
+
+
 # ----------------------------------------------------------------------------------------------
 # Chat templates and in-process generation (torch and transformers are imported inside)
+
+
+def special_tokens(tok, every_added=False):
+    """The tokenizer's special tokens, sorted: its named ones (bos, eos, ...) and the added tokens
+    marked special; every_added: all added tokens, also those not marked special (a chat template's
+    end of turn may be added without the flag)."""
+    added = {t.content for t in tok.added_tokens_decoder.values() if every_added or t.special}
+    return sorted(set(tok.all_special_tokens) | added)
 
 
 def end_of_turn(tok, override=None):
@@ -142,9 +249,7 @@ def end_of_turn(tok, override=None):
     probe = [{"role": "user", "content": "PROBEQ"}, {"role": "assistant", "content": "PROBEA"}]
     text = tok.apply_chat_template(probe, tokenize=False)
     after = text[text.index("PROBEA") + len("PROBEA"):]
-    specials = sorted(set(tok.all_special_tokens) | {t.content for t in tok.added_tokens_decoder.values()},
-                      key=len, reverse=True)
-    for s in specials:
+    for s in sorted(special_tokens(tok, every_added=True), key=len, reverse=True):
         if s and after.startswith(s):
             return s
     fail("cannot tell the end-of-turn token from the chat template (the assistant text is "

@@ -59,8 +59,8 @@ from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 
 from cherrant import cherrant_edits_many, cherrant_resources, compare_edits, f_beta
-from common import (api_client, atomic_write, chat_replies, check_served, generate_replies, load_generator,
-                    lock_folder, model_fingerprint, open_jsonl_append, read_jsonl_map, setup_ranks, write_json)
+from common import (api_client, append_jsonl, atomic_write, chat_replies, check_served, fail, generate_replies, load_generator,
+                    lock_folder, log, model_fingerprint, open_jsonl_append, read_jsonl_map, setup_ranks, write_json)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # ChERRANT's lexical resources (from LawBench, Apache-2.0, see lawbench_assets/NOTICE.md).
@@ -729,7 +729,7 @@ def score_predictions(pred_dir, setting=None, models=None, tasks=None, num_proc=
     if models:
         missing = [m for m in models if m not in found]
         if missing:
-            raise SystemExit(f"error: no predictions for model(s) {missing} under {pred_dir} (found: {sorted(found)})")
+            fail(f"no predictions for model(s) {missing} under {pred_dir} (found: {sorted(found)})")
         found = {m: found[m] for m in models}
     wanted = sorted(tasks or TASKS, key=task_sort_key)
     jobs, report = [], {}
@@ -856,7 +856,7 @@ def parse_tasks(spec):
     tasks = spec.split(",") if spec else None
     unknown = [t for t in tasks or [] if t not in TASKS]
     if unknown:
-        raise SystemExit(f"error: unknown task id(s) {unknown}; LawBench tasks are {', '.join(TASKS)}")
+        fail(f"unknown task id(s) {unknown}; LawBench tasks are {', '.join(TASKS)}")
     return tasks
 
 
@@ -866,20 +866,19 @@ def cmd_score(args):
     report = score_predictions(args.predictions, args.setting, args.models.split(",") if args.models else None,
                                tasks, args.num_proc, progress=not args.quiet)
     if report is None:
-        print(f"error: no LawBench prediction files (<task>.json) found under {args.predictions} "
-              f"(expected DIR/<model>/<task>.json or DIR/{args.setting or '<setting>'}/<model>/<task>.json)",
-              file=sys.stderr)
+        log(f"error: no LawBench prediction files (<task>.json) found under {args.predictions} "
+            f"(expected DIR/<model>/<task>.json or DIR/{args.setting or '<setting>'}/<model>/<task>.json)")
         return 2
     problems = [p for entry in report["models"].values() for p in entry["problems"]]
     if problems:
-        print(f"{len(problems)} input problem(s); the first ones (all are in scores.json):", file=sys.stderr)
+        log(f"{len(problems)} input problem(s); the first ones (all are in scores.json):")
         for p in problems[:args.show_problems]:
-            print("  " + p, file=sys.stderr)
+            log("  " + p)
     write_outputs(report, args.out)
     print(markdown_tables(report))
     n_files = sum(len(e["tasks"]) for e in report["models"].values())
-    print(f"Scored {n_files} task files of {len(report['models'])} model(s) in {time.time() - started:.1f} s; "
-          f"wrote {os.path.join(args.out, 'scores.json')}, scores.csv, scores.png", file=sys.stderr)
+    log(f"Scored {n_files} task files of {len(report['models'])} model(s) in {time.time() - started:.1f} s; "
+        f"wrote {os.path.join(args.out, 'scores.json')}, scores.csv, scores.png")
     return 0
 
 
@@ -899,10 +898,10 @@ def load_lawbench_task(data_dir, setting, task):
         with open(path, encoding="utf-8") as f:
             items = json.load(f)
     except (OSError, json.JSONDecodeError) as exc:
-        raise SystemExit(f"error: {path}: cannot read LawBench task file ({exc})")
+        fail(f"{path}: cannot read LawBench task file ({exc})")
     for i, it in enumerate(items if isinstance(items, list) else [None]):
         if not isinstance(it, dict) or not all(isinstance(it.get(k), str) for k in ("instruction", "question", "answer")):
-            raise SystemExit(f"error: {path}: item {i} is not {{instruction, question, answer}} text")
+            fail(f"{path}: item {i} is not {{instruction, question, answer}} text")
     return items
 
 
@@ -939,11 +938,8 @@ def generate_task(model, tok, stop_ids, prompts, done, partial_path, batch_size,
     mine = [i for i in range(len(prompts)) if i not in done and (only is None or i in only)]
     with open_jsonl_append(partial_path) as out:
         def on_batch(replies):
-            for i, text in replies:
-                done[i] = text
-                out.write(json.dumps({"id": i, "prediction": text}, ensure_ascii=False) + "\n")
-            out.flush()
-            os.fsync(out.fileno())
+            done.update(replies)
+            append_jsonl(out, [{"id": i, "prediction": text} for i, text in replies])
             bar.update(len(replies))
         return generate_replies(model, tok, stop_ids, prompts, mine, batch_size, max_new_tokens, on_batch)
 
@@ -954,9 +950,7 @@ def generate_task_api(client, model_name, prompts, done, partial_path, todo, con
     with open_jsonl_append(partial_path) as out:
         def on_reply(i, text):
             done[i] = text
-            out.write(json.dumps({"id": i, "prediction": text}, ensure_ascii=False) + "\n")
-            out.flush()
-            os.fsync(out.fileno())
+            append_jsonl(out, [{"id": i, "prediction": text}])
             bar.update(1)
         chat_replies(client, model_name, prompts, todo, max_new_tokens, concurrency, on_reply)
 
@@ -975,7 +969,7 @@ def cmd_generate(args):
     else:
         model, tok, stop_ids = load_generator(args.model, args.trust_remote_code, device)
         if not tok.chat_template and master:
-            print(f"warning: {args.model} has no chat template; prompts are given as plain text", file=sys.stderr)
+            log(f"warning: {args.model} has no chat template; prompts are given as plain text")
         backend = {"backend": "transformers", "processes": world, "chat_template": bool(tok.chat_template)}
     if master:  # one writer per prediction folder (held until this process ends)
         out_lock, _ = lock_folder(args.out, "two generate runs must not write the same --out; wait for that one "  # noqa: F841
@@ -990,12 +984,12 @@ def cmd_generate(args):
         old_tasks = old.get("tasks") or {}
         diff = [k for k in ("fingerprint", "setting", "max_new_tokens") if old.get(k) != meta[k]]
         if diff:
-            raise SystemExit(f"error: {args.out} holds predictions made with other {', '.join(diff)} "
+            fail(f"{args.out} holds predictions made with other {', '.join(diff)} "
                              f"({old.get('model')}); use another --out, or delete it to start over")
     elif os.path.isdir(args.out):
         existing = [n for n in os.listdir(args.out) if n.endswith(".json") and n[:-5] in TASKS]
         if existing or os.path.isdir(partial_dir):
-            raise SystemExit(f"error: {args.out} already holds predictions of unknown origin; use another --out")
+            fail(f"{args.out} already holds predictions of unknown origin; use another --out")
     barrier()  # every rank has checked the folder before rank 0 writes into it
     if master:
         os.makedirs(partial_dir, exist_ok=True)
@@ -1035,7 +1029,7 @@ def cmd_generate(args):
             done = read_partials(partial_dir, task, len(items))
             missing = [i for i in range(len(items)) if i not in done]
             if missing:
-                raise SystemExit(f"error: {task}: no reply for items {missing[:10]}; run again to resume")
+                fail(f"{task}: no reply for items {missing[:10]}; run again to resume")
             preds = {str(i): {"origin_prompt": [{"role": "HUMAN", "prompt": prompts[i]}],
                               "prediction": done[i], "refr": it["answer"]} for i, it in enumerate(items)}
             write_json(final, preds)
@@ -1053,9 +1047,9 @@ def cmd_generate(args):
         n = sum(len(v) for v in data.values())
         resumed = sum(t.get("resumed_items", t["items"] if t.get("resumed") == "complete" else 0)
                       for t in meta["tasks"].values())
-        print(f"Generated {n - resumed} new predictions ({resumed} resumed) for {len(tasks)} task(s) in {elapsed:.0f} s "
-              f"({(n - resumed) / max(elapsed, 1e-9):.2f} items/s, "
-              f"{'server ' + args.api_base if api else f'{world} process(es)'}) -> {args.out}", file=sys.stderr)
+        log(f"Generated {n - resumed} new predictions ({resumed} resumed) for {len(tasks)} task(s) in {elapsed:.0f} s "
+            f"({(n - resumed) / max(elapsed, 1e-9):.2f} items/s, "
+            f"{'server ' + args.api_base if api else f'{world} process(es)'}) -> {args.out}")
     barrier()
     return 0
 
@@ -1161,13 +1155,13 @@ def judge_questions(args):
                     qid, q, ans = str(row["id"]), row["question"], row["answers"]
                     assert isinstance(q, str) and isinstance(ans, dict)
                 except (ValueError, KeyError, TypeError, AssertionError):
-                    raise SystemExit(f"error: {args.questions}:{n}: expected {{id, question, answers: {{model: text}}}}")
+                    fail(f"{args.questions}:{n}: expected {{id, question, answers: {{model: text}}}}")
                 questions.append({"id": qid, "task": "questions", "question": q})
                 for m, a in ans.items():
                     answers.setdefault(m, {})[qid] = a if isinstance(a, str) else ""
         ref = args.reference
         if ref not in answers:
-            raise SystemExit(f"error: --reference {ref}: no answers by that name in {args.questions} "
+            fail(f"--reference {ref}: no answers by that name in {args.questions} "
                              f"(names: {', '.join(sorted(answers))})")
         questions = questions[:args.limit] if args.limit else questions
         return questions, answers, ref
@@ -1177,11 +1171,11 @@ def judge_questions(args):
     elif args.reference in models:
         ref, ref_dir = args.reference, models[args.reference]
     else:
-        raise SystemExit(f"error: --reference {args.reference}: neither a folder nor a model in {args.predictions} "
+        fail(f"--reference {args.reference}: neither a folder nor a model in {args.predictions} "
                          f"(models: {', '.join(models) or 'none'})")
     models = {m: d for m, d in models.items() if m != ref}
     if not models:
-        raise SystemExit(f"error: no model to compare with {ref} in {args.predictions}")
+        fail(f"no model to compare with {ref} in {args.predictions}")
     questions = []
     for task in parse_tasks(args.tasks) or ["3-8"]:
         def read(folder, who):
@@ -1189,7 +1183,7 @@ def judge_questions(args):
             try:
                 items, _, _ = load_prediction_file(path)
             except (OSError, ValueError) as exc:
-                raise SystemExit(f"error: {who}: cannot read {path} ({exc})")
+                fail(f"{who}: cannot read {path} ({exc})")
             return {str(it["id"]): it for it in items}
         ref_items = read(ref_dir, ref)
         ids = sorted(ref_items, key=int)[:args.limit] if args.limit else sorted(ref_items, key=int)
@@ -1198,11 +1192,11 @@ def judge_questions(args):
             items = read(folder, m)
             for k in ids:
                 if k not in items:
-                    raise SystemExit(f"error: {m}/{task}.json has no item {k}, which {ref} answers")
+                    fail(f"{m}/{task}.json has no item {k}, which {ref} answers")
                 # published predictions record the prompt inside their chat template: one contains the other
                 mine, theirs = items[k]["prompt"].strip(), ref_items[k]["prompt"].strip()
                 if mine and theirs and mine not in theirs and theirs not in mine:
-                    raise SystemExit(f"error: {m}/{task}.json item {k} asks another question than {ref}'s: "
+                    fail(f"{m}/{task}.json item {k} asks another question than {ref}'s: "
                                      "the two were generated from different LawBench data")
                 if mine and (not plain.get(k) or len(mine) < len(plain[k])):
                     plain[k] = mine
@@ -1251,9 +1245,9 @@ def cmd_judge(args):
     models = [m for m in answers if m != ref]
     api = bool(args.judge_api_base)
     if api == bool(args.judge_model):
-        raise SystemExit("error: give the judge as --judge-model PATH or --judge-api-base URL --judge-api-model NAME")
+        fail("give the judge as --judge-model PATH or --judge-api-base URL --judge-api-model NAME")
     if api and not args.judge_api_model:
-        raise SystemExit("error: --judge-api-base needs --judge-api-model NAME")
+        fail("--judge-api-base needs --judge-api-model NAME")
     # the judge's identity in the cache key: URL and name, or the local folder and its weights' fingerprint
     judge = (f"{args.judge_api_base.rstrip('/')}|{args.judge_api_model}" if api else
              f"{os.path.abspath(args.judge_model)}@{model_fingerprint(args.judge_model)}")
@@ -1277,11 +1271,9 @@ def cmd_judge(args):
         with open_jsonl_append(cache_path) as cf, tqdm(total=len(todo_jobs), desc="judge", unit="verdict",
                                                   disable=args.quiet) as bar:
             def keep(replies):
-                for k, text in replies:
-                    cache[todo_jobs[k]["key"]] = text
-                    cf.write(json.dumps({"key": todo_jobs[k]["key"], "output": text}, ensure_ascii=False) + "\n")
-                cf.flush()
-                os.fsync(cf.fileno())
+                rows = [{"key": todo_jobs[k]["key"], "output": text} for k, text in replies]
+                cache.update((r["key"], r["output"]) for r in rows)
+                append_jsonl(cf, rows)
                 bar.update(len(replies))
             if api:
                 client, served = api_client(args.judge_api_base, args.judge_api_key_env, args.timeout, args.retries)
@@ -1340,9 +1332,8 @@ def cmd_judge(args):
         ci = "-" if lo is None else f"{100 * lo:.1f}-{100 * hi:.1f}%"
         print(f"| {m} | {r['n']} | {r['win']} | {r['tie']} | {r['loss']} | {r['unparseable']} | "
               f"{100 * r['win_rate']:.1f}% | {ci} | {half} |")
-    print(f"\n{len(todo_jobs)} verdicts generated, {len(jobs) - len(todo_jobs)} from the cache, in "
-          f"{time.time() - started:.0f} s; wrote {os.path.join(args.out, 'winrate.json')}, judgments.jsonl, winrate.png",
-          file=sys.stderr)
+    log(f"\n{len(todo_jobs)} verdicts generated, {len(jobs) - len(todo_jobs)} from the cache, in "
+        f"{time.time() - started:.0f} s; wrote {os.path.join(args.out, 'winrate.json')}, judgments.jsonl, winrate.png")
     return 0
 
 

@@ -52,18 +52,17 @@ import math
 import os
 import random
 import re
-import shutil
 import sqlite3
 import sys
-import tempfile
 import time
 import unicodedata
 from collections import Counter, defaultdict
 
 import numpy as np
 
-from common import (api_client, chat_replies, check_served, end_of_turn, fail, generate_replies, load_generator, log,
-                    model_fingerprint, open_jsonl_append, read_jsonl_map, replace_dir, setup_ranks)
+from common import (api_client, append_jsonl, chat_replies, check_served, end_of_turn, fail, fill_efficiency, generate_replies,
+                    load_generator, log, model_fingerprint, open_jsonl_append, pack_best_fit, read_jsonl_map,
+                    setup_ranks, special_tokens, staged_folder, trained_positions)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -920,10 +919,8 @@ def train_bpe_tokenizer(texts, vocab_size, path):
                                   unk_token="<unk>", pad_token="<pad>",
                                   additional_special_tokens=["<|im_start|>", "<|im_end|>"])
     tok.chat_template = INTERNLM2_TEMPLATE
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tok-", dir=os.path.dirname(os.path.abspath(path)))
-    tok.save_pretrained(tmp)
-    replace_dir(tmp, path)
+    with staged_folder(os.path.abspath(path)) as tmp:
+        tok.save_pretrained(tmp)
 
 
 def assistant_spans(text, messages, eot):
@@ -964,12 +961,11 @@ def featurize(batch, tok, eot, specials, cfg, bench_hashes):
         ids = enc["input_ids"][b]
         starts = [s for s, _ in enc["offset_mapping"][b]]
         labels = [-100] * len(ids)
-        n_label = 0
         for s, e in assistant_spans(text, msgs, eot):
             # tokens that start inside the span; a token straddling its start belongs to the prompt
             a, z = bisect.bisect_left(starts, s), bisect.bisect_left(starts, e)
             labels[a:z] = ids[a:z]
-            n_label += z - a
+        n_label = trained_positions(labels)  # train.py's rule: the report counts what training trains
         replies = "\n".join(m["content"] for m in msgs if m["role"] == "assistant")
         n, rule = len(ids), ""
         if any(sp in c for c in contents[b] for sp in specials):
@@ -1086,10 +1082,9 @@ def judge_records(pairs, model_path, cache_path, cfg, api=None):
     with open_jsonl_append(mine_path) as cf, \
             tqdm(total=len(todo), desc="judge", unit="pair", disable=None if rank == 0 else True) as bar:
         def keep(replies):
-            for i, out in replies:
-                cache[keys[i]] = out
-                cf.write(json.dumps({"key": keys[i], "output": out}, ensure_ascii=False) + "\n")
-            cf.flush()
+            rows = [{"key": keys[i], "output": out} for i, out in replies]
+            cache.update((r["key"], r["output"]) for r in rows)
+            append_jsonl(cf, rows)
             bar.update(len(replies) * world)
         if mine and api:
             client, name, concurrency = api
@@ -1440,7 +1435,6 @@ def build_stage(stage, sources, stats, kept_by_source, judge, recs, lengths, lab
                 judge_threshold, pack_len):
     """Phase 4, one stage: which records it takes and how often (weights, the general ratio, the
     judge), shuffled; and its accounting. Returns the rows (record indices) and the stage's stats."""
-    import train  # its packer, so the report shows the packs training will make
     src, seed = recs["src"], cfg["seed"]
     in_stage = [si for si, s in enumerate(sources) if stage in s["stages"]]
     sst = {"read": sum(stats[sources[si]["name"]]["read"] for si in in_stage), "dropped": Counter()}
@@ -1494,9 +1488,9 @@ def build_stage(stage, sources, stats, kept_by_source, judge, recs, lengths, lab
     sst["packs_lower_bound"] = math.ceil(sst["tokens"] / pack_len)
     # the packs train.py will make (its best-fit packer; the count doesn't depend on the seed)
     fit = [min(x, pack_len) for x in L]
-    packs = train.pack_best_fit(fit, pack_len) if fit else []
+    packs = pack_best_fit(fit, pack_len) if fit else []
     sst["packs"] = len(packs)
-    sst["pack_fill"] = train.fill_efficiency(packs, np.asarray(fit), pack_len)
+    sst["pack_fill"] = fill_efficiency(packs, np.asarray(fit), pack_len)
     sst["rows_per_source"] = dict(Counter(sources[src[i]]["name"] for i in rows))
     sst["dropped"] = in_reason_order(sst["dropped"])
     return rows, sst
@@ -1528,9 +1522,7 @@ def write_outputs(out, feats, recs, sources, stage_rows, report, audit, tok, rec
     """Phase 5: everything into a temporary folder beside `out`, then moved into place; a failure
     leaves the previous output as it was. Returns report.md's text."""
     import datasets
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".prepare-", dir=os.path.dirname(out))
-    try:
+    with staged_folder(out) as tmp:
         src = recs["src"]
         meta = datasets.Dataset.from_dict({"source": [sources[si]["name"] for si in src],
                                            "category": [sources[si]["category"] for si in src], "id": recs["id"]})
@@ -1553,10 +1545,6 @@ def write_outputs(out, feats, recs, sources, stage_rows, report, audit, tok, rec
         md = markdown_report(report)
         with open(os.path.join(tmp, "report.md"), "w", encoding="utf-8") as f:
             f.write(md + "\n")
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return md
 
 
@@ -1601,8 +1589,7 @@ def main(argv=None):
     barrier()
     tok = load_tokenizer(args.tokenizer, args.trust_remote_code)
     eot = end_of_turn(tok, args.eot_token)
-    specials = sorted(set(tok.all_special_tokens) | {t.content for t in tok.added_tokens_decoder.values()
-                                                     if t.special})
+    specials = special_tokens(tok)  # a record whose text holds one is dropped (special_token)
     bench = None
     if args.decontaminate:
         n = cfg["decontam_ngram"]

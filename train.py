@@ -56,7 +56,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from common import atomic_write, lock_folder, read_jsonl, replace_dir, staging_dir, write_json
+from common import (atomic_write, fail, fill_efficiency, lock_folder, log, pack_best_fit, read_jsonl, staged_folder,
+                    write_json)
 
 # DeepSpeed 0.19 still calls two collectives that torch 2.13 deprecated, and torch's warning repeats
 # at every call (~9,000 identical lines in one demo). Exactly those two are silenced: FutureWarning,
@@ -66,52 +67,8 @@ for _collective in ("reduce_scatter_tensor", "all_gather_into_tensor"):
                             category=FutureWarning, module=r"torch\.distributed\.c10d_logger")
 
 # ----------------------------------------------------------------------------------------------
-# Packing
-
-
-def pack_best_fit(lengths, max_len, seed=0, epoch=0):
-    """Best-fit-decreasing bin packing of whole samples. Returns a list of packs, each an int64
-    array of sample indices, in a shuffled order that depends only on (seed, epoch).
-
-    Samples are visited longest first; each goes into the open pack whose free space is the
-    smallest that still fits it. Equal lengths are visited in a random order per epoch, so the
-    same samples don't always share a pack; the number of packs doesn't depend on that order.
-    Every length must be in [1, max_len]."""
-    lengths = np.asarray(lengths, dtype=np.int64)
-    if len(lengths) and (lengths.min() < 1 or lengths.max() > max_len):
-        raise ValueError(f"sample lengths must be in [1, {max_len}]")
-    rng = np.random.default_rng([seed, epoch])
-    perm = rng.permutation(len(lengths))
-    order = perm[np.argsort(-lengths[perm], kind="stable")]
-    # Best fit needs "smallest free space >= length" a million times. Free spaces are integers in
-    # [1, max_len], so one Python int serves as a bitset of the free-space values some pack has:
-    # shifting it right by `length` and taking the lowest set bit answers the query in a few
-    # word-parallel big-int operations, ~1M samples in a few seconds, with no tree to maintain.
-    by_space = [[] for _ in range(max_len + 1)]  # free space -> ids of packs with exactly that space
-    has_space = 0
-    members = []
-    for i, n in zip(order.tolist(), lengths[order].tolist()):
-        above = has_space >> n
-        if above:
-            space = n + (above & -above).bit_length() - 1
-            b = by_space[space].pop()
-            if not by_space[space]:
-                has_space ^= 1 << space
-        else:
-            space, b = max_len, len(members)
-            members.append([])
-        members[b].append(i)
-        space -= n
-        if space:
-            if not by_space[space]:
-                has_space |= 1 << space
-            by_space[space].append(b)
-    return [np.array(members[b], dtype=np.int64) for b in rng.permutation(len(members))]
-
-
-def fill_efficiency(packs, lengths, max_len):
-    """Real tokens / capacity of the packs (1.0 = no padding at all)."""
-    return float(sum(int(lengths[p].sum()) for p in packs)) / (len(packs) * max_len) if packs else 0.0
+# Packing. The packer itself (best-fit decreasing, pack_best_fit, and fill_efficiency) is in
+# common.py: prepare_data.py's report counts the packs this script will make with the same code.
 
 
 def select_samples(lengths, n_trained, max_len, oversize, n_trained_within=None):
@@ -167,7 +124,8 @@ def collate_pack(samples, max_len):
 
 
 def trained_tokens(labels):
-    """Number of positions that contribute to the loss (labels[1:] that aren't -100)."""
+    """Number of positions that contribute to the loss: common.trained_positions' rule (labels[1:]
+    that aren't -100), on a tensor."""
     return int((labels[..., 1:] != -100).sum())
 
 
@@ -228,11 +186,21 @@ def boundary_kwargs(batch, device):
 
 
 def packed_loss_sum(model, batch, chunk):
-    """Forward one pack through a causal LM; return the summed CE of its trained tokens.
+    """THE LOSS: the one place to change it (train.py calls nothing else for a loss; PackedLM wraps
+    it for DDP/DeepSpeed). Forward one pack (collate_pack's batch) through the causal LM `model`
+    and return the SUM of its token losses.
 
-    No attention_mask and use_cache=False: that is the state in which transformers reads sample
-    boundaries from position_ids (with a cache, or with an all-ones mask, it would silently let
-    the samples attend to each other). The boundaries also go in explicitly, for varlen kernels."""
+    The contract a replacement must keep:
+      * return a sum over tokens, not a mean: forward_backward divides by the trained tokens of
+        the whole optimizer step (all micro-batches, all ranks). Returning model(**batch).loss (a
+        mean) would shrink every gradient by about the step's token count and log a wrong loss;
+      * score position t against labels[t + 1], counting only labels != -100; the first label of
+        every sample is already -100 (collate_pack), so no sample predicts its pack-mate's start,
+        and trained_tokens() counts exactly the positions this sums over;
+      * call the model without attention_mask and with use_cache=False, and pass the boundaries
+        (boundary_kwargs): that is the state in which transformers reads the sample boundaries
+        from position_ids and the varlen kernels get them explicitly (with a cache, or an all-ones
+        mask, sdpa would silently let the samples attend to each other)."""
     out = model.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
                       **boundary_kwargs(batch, batch["input_ids"].device))
     return lm_loss_sum(out.last_hidden_state, model.lm_head.weight, batch["labels"], chunk)
@@ -543,13 +511,13 @@ def convert_internlm2_tokenizer(src, dst, vocab_size, trust_remote_code=False):
             tok.init_kwargs.pop("auto_map", None)
             tok.save_pretrained(dst)
             return tok
-        sys.exit(f"error: {src} has no tokenizer.model (InternLM2's sentencepiece tokenizer) nor tokenizer.json; "
+        fail(f"{src} has no tokenizer.model (InternLM2's sentencepiece tokenizer) nor tokenizer.json; "
                  "copy the model's tokenizer files into it")
     try:
         import sentencepiece
         from sentencepiece import sentencepiece_model_pb2
     except ImportError:
-        sys.exit("error: InternLM2's tokenizer is a sentencepiece model: pip install sentencepiece")
+        fail("InternLM2's tokenizer is a sentencepiece model: pip install sentencepiece")
     from tokenizers import decoders, normalizers
     cfg_file = os.path.join(src, "tokenizer_config.json")
     cfg = json.load(open(cfg_file)) if os.path.isfile(cfg_file) else {}
@@ -568,7 +536,7 @@ def convert_internlm2_tokenizer(src, dst, vocab_size, trust_remote_code=False):
     backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
                                         + ([decoders.Strip(" ", 1, 0)] if dummy else []))
     if len(tok) > vocab_size:
-        sys.exit(f"error: {src}: the tokenizer has {len(tok)} tokens but the model only {vocab_size} embeddings")
+        fail(f"{src}: the tokenizer has {len(tok)} tokens but the model only {vocab_size} embeddings")
     tok.init_kwargs.pop("auto_map", None)
     tok.save_pretrained(dst)
     saved = json.load(open(os.path.join(dst, "tokenizer_config.json")))
@@ -590,7 +558,7 @@ def convert_internlm2_tokenizer(src, dst, vocab_size, trust_remote_code=False):
         for name, expected in [("its sentencepiece model", ref)] + ([("InternLM2Tokenizer", original(text)["input_ids"])]
                                                                      if original is not None else []):
             if ours != expected:
-                sys.exit(f"error: the converted tokenizer of {src} does not encode like {name} (text "
+                fail(f"the converted tokenizer of {src} does not encode like {name} (text "
                          f"{text[:30]!r}...: {ours[:8]} vs {expected[:8]}); please report it with the tokenizer files")
     return reloaded
 
@@ -605,19 +573,20 @@ def convert_internlm2(src, dst, trust_remote_code=False):
     files = weight_files(src)
     if not files:
         raise FileNotFoundError(f"{src}: no *.safetensors or pytorch_model*.bin weight files")
-    tmp = staging_dir(dst)
-    convert_internlm2_tokenizer(src, tmp, cfg["vocab_size"], trust_remote_code)  # first: a bad tokenizer fails in a second
-    weight_map = {}
-    for i, file in enumerate(files):
-        state = load_file(file) if file.endswith(".safetensors") else torch.load(file, map_location="cpu", weights_only=True)
-        state = internlm2_to_llama_tensors(state, cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"]))
-        shard = f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
-        save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(tmp, shard), metadata={"format": "pt"})
-        weight_map.update({k: shard for k in state})
-    with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=1)
-    llama_config_from_internlm2(cfg).save_pretrained(tmp)
-    replace_dir(tmp, dst)
+    with staged_folder(dst) as tmp:
+        convert_internlm2_tokenizer(src, tmp, cfg["vocab_size"], trust_remote_code)  # first: a bad tokenizer fails fast
+        weight_map = {}
+        for i, file in enumerate(files):
+            state = (load_file(file) if file.endswith(".safetensors")
+                     else torch.load(file, map_location="cpu", weights_only=True))
+            state = internlm2_to_llama_tensors(state, cfg["num_attention_heads"],
+                                               cfg.get("num_key_value_heads", cfg["num_attention_heads"]))
+            shard = f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
+            save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(tmp, shard), metadata={"format": "pt"})
+            weight_map.update({k: shard for k in state})
+        with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=1)
+        llama_config_from_internlm2(cfg).save_pretrained(tmp)
     return dst
 
 
@@ -636,7 +605,7 @@ def is_internlm2(path):
 SDPA_PACKED_MAX_LEN = 8192
 
 
-def pick_attention(requested, device, max_len, log):
+def pick_attention(requested, device, max_len):
     """The attention implementation (see "Attention over packs"). On a GPU, auto takes a kernel that
     reads the sample boundaries: PyTorch's own varlen kernel, else the flash-attn package. sdpa and
     eager get a dense [T x T] block-diagonal mask per pack, built by transformers from position_ids,
@@ -652,19 +621,19 @@ def pick_attention(requested, device, max_len, log):
         with contextlib.suppress(ImportError):
             import flash_attn  # noqa: F401
             return "flash_attention_2"
-        sys.exit(f"error: no attention kernel that reads sample boundaries on this GPU: PyTorch {torch.__version__} "
+        fail(f"no attention kernel that reads sample boundaries on this GPU: PyTorch {torch.__version__} "
                  f"has no torch.nn.attention.varlen (torch >= 2.10 on an Ampere or newer GPU) and flash_attn is not "
                  f"installed. Upgrade torch, or pip install flash-attn --no-build-isolation, or pass --attn sdpa to "
                  f"accept a dense [{max_len} x {max_len}] mask per pack and full-square attention")
     if requested == "varlen" and not torch_has_varlen(device):
-        sys.exit(f"error: --attn varlen needs PyTorch's varlen kernel (torch >= 2.10, an Ampere or newer NVIDIA GPU); "
+        fail(f"--attn varlen needs PyTorch's varlen kernel (torch >= 2.10, an Ampere or newer NVIDIA GPU); "
                  f"this is torch {torch.__version__} on {device.type}. --attn varlen_reference runs the same code path "
                  f"with a per-sample sdpa kernel anywhere")
     if requested.startswith("flash"):
         try:
             import flash_attn  # noqa: F401
         except ImportError:
-            sys.exit(f"error: --attn {requested} needs the flash_attn package: pip install flash-attn --no-build-isolation"
+            fail(f"--attn {requested} needs the flash_attn package: pip install flash-attn --no-build-isolation"
                      f"{' (or use --attn varlen: PyTorch has the kernel built in)' if torch_has_varlen(device) else ''}")
     if requested in ("sdpa", "eager") and device.type == "cuda" and max_len > SDPA_PACKED_MAX_LEN:
         log(f"warning: --attn {requested} on a GPU with packs of {max_len} tokens: every pack gets a dense "
@@ -719,7 +688,7 @@ def check_rope_with_packing(cfg, lengths, name):
             (r.get("original_max_position_embeddings") or cfg.max_position_embeddings)
         n_over = int((np.asarray(lengths) > limit).sum())
         if n_over:
-            sys.exit(f"error: {name} uses {kind} RoPE, which rescales positions by the longest sample in a pack, and "
+            fail(f"{name} uses {kind} RoPE, which rescales positions by the longest sample in a pack, and "
                      f"{n_over} of the {len(lengths)} samples are longer than its {limit} tokens: packed samples would "
                      f"change each other's position encoding. Use --max-len {limit} (longer samples are then dropped, "
                      f"or truncated with --oversize truncate), or a static rope scaling (linear, yarn) in its config.json")
@@ -745,7 +714,7 @@ def step_plan(n_packs, world, accum, start=0):
             for s in range(start, n_packs, per_step)]
 
 
-def resume_plan(position, world, accum, log):
+def resume_plan(position, world, accum):
     """How a run saved at `position` continues on `world` ranks asked for `accum` packs each per
     step. The global batch (packs per optimizer step) is kept when the new world size divides it,
     by changing the accumulation; otherwise the requested one is used, the remaining data is
@@ -770,27 +739,31 @@ def resume_plan(position, world, accum, log):
     return accum, new_total
 
 
+def set_config_dtype(folder, dtype):
+    """Record `dtype` (a torch dtype or its name) as the checkpoint's dtype in folder/config.json."""
+    path = os.path.join(folder, "config.json")
+    with open(path) as f:
+        cfg = json.load(f)
+    cfg["dtype"] = str(dtype).removeprefix("torch.")
+    with open(path, "w") as f:
+        json.dump(cfg, f, indent=2)
+
+
 def save_model(model, tokenizer, out, dtype=None, extra_files=None, state=None):
     """Hugging Face folder (safetensors + config + tokenizer + chat template), written atomically.
     Weights are stored in `dtype` (the starting checkpoint's, e.g. bf16), not the fp32 masters;
     `state` replaces the model's own state dict (ZeRO-3: the gathered 16-bit weights)."""
-    tmp = staging_dir(out)
     state = {k: v.to(dtype) if dtype and v.is_floating_point() else v
              for k, v in (state if state is not None else model.state_dict()).items()}
-    model.save_pretrained(tmp, state_dict=state)
-    if dtype:  # save_pretrained records the in-memory (fp32) dtype; from_pretrained(dtype="auto") reads this
-        cfg_file = os.path.join(tmp, "config.json")
-        with open(cfg_file) as f:
-            cfg = json.load(f)
-        cfg["dtype"] = str(dtype).removeprefix("torch.")
-        with open(cfg_file, "w") as f:
-            json.dump(cfg, f, indent=2)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    for name, obj in (extra_files or {}).items():
-        with open(os.path.join(tmp, name), "w") as f:
-            json.dump(obj, f, indent=1, ensure_ascii=False)
-    replace_dir(tmp, out)
+    with staged_folder(out) as tmp:
+        model.save_pretrained(tmp, state_dict=state)
+        if dtype:  # save_pretrained records the in-memory (fp32) dtype; from_pretrained(dtype="auto") reads this
+            set_config_dtype(tmp, dtype)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for name, obj in (extra_files or {}).items():
+            with open(os.path.join(tmp, name), "w") as f:
+                json.dump(obj, f, indent=1, ensure_ascii=False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -888,7 +861,7 @@ def verify_checkpoint(path, rank=0, world=1):
     return f"{os.path.join(path, bad[0])} does not match its sha256 in the manifest" if bad else None
 
 
-def checkpoint_to_resume(ckpt_root, rank, world, log):
+def checkpoint_to_resume(ckpt_root, rank, world):
     """--resume auto: the newest checkpoint that verifies, `latest` first. Each one that fails is
     reported in one line. None only when there is no checkpoint at all; when there are some and
     none verifies, the run stops instead of silently starting afresh over them."""
@@ -907,7 +880,7 @@ def checkpoint_to_resume(ckpt_root, rank, world, log):
             return os.path.join(ckpt_root, d)
         log(f"warning: skipping checkpoint {d}: {reason}")
     if found:
-        sys.exit(f"error: no checkpoint in {ckpt_root} verifies ({len(found)} found, reasons above); not starting "
+        fail(f"no checkpoint in {ckpt_root} verifies ({len(found)} found, reasons above); not starting "
                  "afresh over them. Resume one by hand with --resume PATH after repairing it, or start over with "
                  "--resume none (which deletes them)")
     return None
@@ -972,7 +945,7 @@ def save_checkpoint(ckpt_root, step, engine, model, opt, sched, rank, keep, worl
             shutil.rmtree(tmp, ignore_errors=True)
         barrier()
         previous = latest_checkpoint(ckpt_root)
-        sys.exit(f"error: saving checkpoint {tag} failed ({error or 'on another rank'}); the previous checkpoint "
+        fail(f"saving checkpoint {tag} failed ({error or 'on another rank'}); the previous checkpoint "
                  f"{previous or '(none)'} is intact and `latest` still names it. Fix the cause and run the same "
                  "command again to resume from it")
     barrier()
@@ -996,13 +969,21 @@ def checkpoint_position(path, run_dir):
     if manifest.get("position"):
         return manifest["position"]
     saved = json.load(open(os.path.join(run_dir, "train_config.json")))
-    epoch, first = divmod(manifest["step"], saved["steps_per_epoch"])
+    epoch, steps_into_epoch = divmod(manifest["step"], saved["steps_per_epoch"])
     batch = saved["world_size"] * saved["grad_accum"]
-    return {"step": manifest["step"], "epoch": epoch, "packs_done": first * batch, "world_size": saved["world_size"],
-            "grad_accum": saved["grad_accum"], "global_batch": batch, "total_steps": saved["total_steps"]}
+    return data_position(manifest["step"], epoch, steps_into_epoch * batch, saved["world_size"], saved["grad_accum"],
+                         saved["total_steps"])
 
 
-def to_universal(path, run_dir, rank, log):
+def data_position(step, epoch, packs_done, world, accum, total_steps):
+    """Where a run stands, as every checkpoint's manifest records it: `packs_done` packs of epoch
+    `epoch` are trained after `step` steps of `total_steps`, on `world` ranks x `accum` packs. A
+    number of packs means the same on any number of ranks (resume_plan)."""
+    return {"step": step, "epoch": epoch, "packs_done": packs_done, "world_size": world, "grad_accum": accum,
+            "global_batch": world * accum, "total_steps": total_steps}
+
+
+def to_universal(path, run_dir, rank):
     """A ZeRO checkpoint written on another number of ranks, converted by DeepSpeed's own
     ds_to_universal into its rank-independent "universal" layout (one file per parameter and
     optimizer state, unsharded) in <run>/universal/<tag>, which any world size can load. Done once
@@ -1128,31 +1109,67 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def forward_backward(runner, batches, real, n_step, world, device, autocast=contextlib.nullcontext()):
+def forward_backward(runner, batches, is_filler, step_tokens, world, device, autocast=contextlib.nullcontext()):
     """Forward and backward of this rank's micro-batches of one optimizer step; returns their
-    summed token loss. Each micro-batch's loss sum is scaled by world / n_step, n_step being the
-    trained tokens of the whole step on all ranks: the accumulated gradient is then exactly that
-    of (sum of all token losses) / (all trained tokens), once DDP or DeepSpeed has averaged it
-    over `world` ranks. real[k] False marks a filler micro-batch (weight 0) that only keeps the
-    ranks in step. With DeepSpeed the caller makes the final engine.step() (the boundary)."""
+    summed token loss. Each micro-batch's loss sum (packed_loss_sum) is scaled by world /
+    step_tokens, step_tokens being the trained tokens of the whole step on all ranks: the
+    accumulated gradient is then exactly that of (sum of all token losses) / (all trained tokens),
+    once DDP or DeepSpeed has averaged it over `world` ranks. is_filler[k] marks a filler
+    micro-batch (weight 0, see step_plan) that only keeps the ranks in step. With DeepSpeed the
+    caller makes the final engine.step() (the boundary)."""
     ddp = isinstance(runner, torch.nn.parallel.DistributedDataParallel)
     deepspeed_engine = hasattr(runner, "is_gradient_accumulation_boundary")
     loss_sum = 0.0
-    for k, (b, is_real) in enumerate(zip(batches, real)):
+    for k, (b, filler) in enumerate(zip(batches, is_filler)):
         b = {key: v.to(device) if torch.is_tensor(v) else v for key, v in b.items()}
         last = k == len(batches) - 1
         # DDP all-reduces gradients only in the backward of the step's last micro-batch
         with runner.no_sync() if ddp and not last else contextlib.nullcontext(), autocast:
             s = runner(b)
-        scaled = s * (world / n_step if is_real else 0.0)
+        scaled = s * (0.0 if filler else world / step_tokens)
         if deepspeed_engine:
             runner.backward(scaled, scale_wrt_gas=False)  # our scale already is the step's token mean
             if not last:
                 runner.step()  # not a boundary: only advances DeepSpeed's micro-step count
         else:
             scaled.backward()
-        loss_sum += s.item() if is_real else 0.0
+        loss_sum += 0.0 if filler else s.item()
     return loss_sum
+
+
+def rank_micro_batches(ds, idx, packs, step_packs, rank, max_len):
+    """This rank's micro-batches of one step (step_plan's step_packs[rank]: pack numbers, None for
+    a slot the epoch's last step has no pack for) and which of them are fillers. A filler repeats
+    the step's first pack, to be run at weight 0: every rank must run the same number of
+    micro-batches, or DDP's all-reduce and DeepSpeed's accumulation boundary would hang."""
+    fill_in = step_packs[0][0]
+    slots = step_packs[rank]
+    batches = [collate_pack(ds.select(idx[packs[fill_in if p is None else p]]), max_len) for p in slots]
+    return batches, [p is None for p in slots]
+
+
+def optimizer_step(engine, opt, sched, model, clip):
+    """Clip, AdamW step, schedule step, zero the gradients; returns the gradient norm (before
+    clipping). DeepSpeed does all of it at its accumulation boundary."""
+    if engine is not None:
+        engine.step()
+        return float(engine.get_global_grad_norm() or 0.0)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip > 0 else float("inf")).item()
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    return norm
+
+
+def stop_if_not_finite(what, value, step, ckpt_root, bar, consequence):
+    """The NaN/inf stop: close the bar, say what and where, name the last good checkpoint, exit."""
+    if math.isfinite(value):
+        return
+    bar.close()
+    msg = (f"error: {what} is {value} at step {step}; {consequence}. "
+           f"The last good checkpoint is {latest_checkpoint(ckpt_root) or '(none yet)'}")
+    log(msg)
+    sys.exit(msg)
 
 
 def setup_distributed(use_deepspeed):
@@ -1193,10 +1210,19 @@ def all_sum(x, device):
     return t.item()
 
 
-def deepspeed_config(path, args, world, dtype, zero_stage, hidden):
-    """The DeepSpeed config with 'auto' values filled from our flags, so the two never disagree."""
-    with open(path) as f:
-        cfg = json.load(f)
+def read_deepspeed_config(path):
+    """--deepspeed's JSON, read once (the ZeRO stage comes from it before anything starts)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        fail(f"--deepspeed {path}: {e}")
+
+
+def deepspeed_config(ds_file, args, world, dtype, zero_stage, hidden):
+    """The DeepSpeed config (--deepspeed's, as read) with 'auto' values filled from our flags, so
+    the two never disagree."""
+    cfg = json.loads(json.dumps(ds_file))  # a copy: the values filled in are this run's
     cfg["train_micro_batch_size_per_gpu"] = 1  # one pack of up to --max-len tokens
     cfg["gradient_accumulation_steps"] = args.grad_accum
     cfg["train_batch_size"] = world * args.grad_accum
@@ -1256,13 +1282,13 @@ def load_cpt_data(pattern, tokenizer, max_len, num_proc=None):
     from datasets import Dataset, load_dataset
     files = sorted(glob.glob(pattern)) or ([pattern] if os.path.isfile(pattern) else [])
     if not files:
-        sys.exit(f"error: --cpt-data {pattern}: no such files")
+        fail(f"--cpt-data {pattern}: no such files")
     docs = []
     for f in files:
         if f.endswith((".jsonl", ".json")):
             ds = load_dataset("json", data_files=f, split="train")
             if "text" not in ds.column_names:
-                sys.exit(f"error: {f}: no 'text' field (fields: {ds.column_names})")
+                fail(f"{f}: no 'text' field (fields: {ds.column_names})")
             docs += [t for t in ds["text"] if t and t.strip()]
         else:
             with open(f, encoding="utf-8") as fh:
@@ -1288,40 +1314,40 @@ def check_inputs(args):
     tokenizer folder to use: prepare_data.py's (the data was tokenized with it) or the model's."""
     if args.cpt_data:
         if not (glob.glob(args.cpt_data) or os.path.isfile(args.cpt_data)):
-            sys.exit(f"error: --cpt-data {args.cpt_data}: no such files")
+            fail(f"--cpt-data {args.cpt_data}: no such files")
     else:
         stage_dir = os.path.join(args.data, f"stage{args.stage}")
         if not os.path.isdir(stage_dir):
-            sys.exit(f"error: {stage_dir} not found: run prepare_data.py --out {args.data} first (or pass --data)")
+            fail(f"{stage_dir} not found: run prepare_data.py --out {args.data} first (or pass --data)")
         if not os.path.isfile(os.path.join(stage_dir, "state.json")):  # what datasets' save_to_disk writes last
-            sys.exit(f"error: {stage_dir} is not a saved dataset (no state.json: empty, or an interrupted copy); "
+            fail(f"{stage_dir} is not a saved dataset (no state.json: empty, or an interrupted copy); "
                      f"run prepare_data.py --out {args.data} again")
     model = args.model
     tok_dir = os.path.join(args.data, "tokenizer")
     has_tok = os.path.isdir(tok_dir)
     if has_tok and not any(os.path.isfile(os.path.join(tok_dir, f)) for f in TOKENIZER_FILES):
-        sys.exit(f"error: {tok_dir} has no tokenizer files ({', '.join(TOKENIZER_FILES)}): an interrupted copy? "
+        fail(f"{tok_dir} has no tokenizer files ({', '.join(TOKENIZER_FILES)}): an interrupted copy? "
                  f"run prepare_data.py --out {args.data} again")
     if model is None:
         return tok_dir if has_tok else None
     if model.endswith(".json"):
         if not os.path.isfile(model):
-            sys.exit(f"error: --model {model}: no such config file")
+            fail(f"--model {model}: no such config file")
         if not has_tok:
-            sys.exit(f"error: --model {model} is a bare config (random init), which has no tokenizer: expected "
+            fail(f"--model {model} is a bare config (random init), which has no tokenizer: expected "
                      f"prepare_data.py's {tok_dir} (pass --data)")
     elif os.path.isdir(model):
         if not os.path.isfile(os.path.join(model, "config.json")):
-            sys.exit(f"error: --model {model} has no config.json: not a Hugging Face model folder")
+            fail(f"--model {model} has no config.json: not a Hugging Face model folder")
         if not has_tok and not any(os.path.isfile(os.path.join(model, f)) for f in TOKENIZER_FILES):
-            sys.exit(f"error: no tokenizer: neither {tok_dir} nor --model {model} has tokenizer files "
+            fail(f"no tokenizer: neither {tok_dir} nor --model {model} has tokenizer files "
                      f"({', '.join(TOKENIZER_FILES)})")
     elif os.path.exists(model) or not HUB_ID.match(model):
-        sys.exit(f"error: --model {model}: no such folder (nor a hub id like internlm/internlm2-chat-7b)")
+        fail(f"--model {model}: no such folder (nor a hub id like internlm/internlm2-chat-7b)")
     return tok_dir if has_tok else None
 
 
-def hub_snapshot(repo_id, log):
+def hub_snapshot(repo_id):
     """A hub model id -> the local folder of its files (downloaded once into the Hugging Face
     cache: each node's local rank 0 first, then the others read the cache). Safetensors only."""
     from huggingface_hub import snapshot_download
@@ -1331,15 +1357,15 @@ def hub_snapshot(repo_id, log):
                                                                 "*.msgpack", "*.onnx"])
         except Exception as e:  # offline, unknown repo, gated, ...: one line, not a traceback
             reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            sys.exit(f"error: --model {repo_id} is not a local folder, and fetching it from the Hugging Face hub "
+            fail(f"--model {repo_id} is not a local folder, and fetching it from the Hugging Face hub "
                      f"failed ({type(e).__name__}: {reason}); pass the path of a downloaded model folder")
 
-    first = int(os.environ.get("LOCAL_RANK", 0)) == 0
-    if first:
+    local_rank0 = int(os.environ.get("LOCAL_RANK", 0)) == 0
+    if local_rank0:
         log(f"downloading {repo_id} from the Hugging Face hub into its cache")
         path = fetch()
     barrier()  # the other ranks of the node then find the files in the cache
-    if not first:
+    if not local_rank0:
         path = fetch()
     return path
 
@@ -1362,21 +1388,16 @@ def init_from_config(cfg_path, tokenizer, seed, dst):
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     torch.random.set_rng_state(state)
-    tmp = staging_dir(dst)
-    model.save_pretrained(tmp)
-    with open(os.path.join(tmp, "config.json")) as f:
-        cfg = json.load(f)
-    cfg["dtype"] = str(stored).removeprefix("torch.") if stored is not None else "float32"  # fp32 tensors, the config's dtype
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-        json.dump(cfg, f, indent=2)
-    tokenizer.save_pretrained(tmp)
-    with open(os.path.join(tmp, "init.json"), "w") as f:
-        json.dump(key, f)
-    replace_dir(tmp, dst)
+    with staged_folder(dst) as tmp:
+        model.save_pretrained(tmp)
+        set_config_dtype(tmp, stored if stored is not None else "float32")  # fp32 tensors, the config's dtype
+        tokenizer.save_pretrained(tmp)
+        with open(os.path.join(tmp, "init.json"), "w") as f:
+            json.dump(key, f)
     return dst
 
 
-def resolve_model(args, tok_dir, master, log):
+def resolve_model(args, tok_dir, master):
     """The weights to start from, as a local folder: --model, else InternLM2-Chat-7B (stage 1) or
     stage 1's final weights (stage 2). A hub id is downloaded; an InternLM2 checkpoint is
     converted once to the Llama layout; a config .json is initialised once (rank 0 writes, the
@@ -1384,7 +1405,7 @@ def resolve_model(args, tok_dir, master, log):
     model_path = args.model or ("internlm/internlm2-chat-7b" if args.stage == 1
                                 else os.path.join(args.out_dir, "stage1", "final"))
     if args.stage == 2 and args.model is None and not os.path.isdir(model_path):
-        sys.exit(f"error: stage 2 starts from stage 1's weights, but {model_path} does not exist "
+        fail(f"stage 2 starts from stage 1's weights, but {model_path} does not exist "
                  "(run --stage 1 first, or pass --model)")
     if model_path.endswith(".json"):
         from transformers import AutoTokenizer
@@ -1394,7 +1415,7 @@ def resolve_model(args, tok_dir, master, log):
         barrier()
         return init
     if not os.path.exists(model_path):
-        model_path = hub_snapshot(model_path, log)
+        model_path = hub_snapshot(model_path)
     if is_internlm2(model_path):
         converted = os.path.join(args.out_dir, "base-llama")
         if master and not os.path.isdir(converted):
@@ -1413,14 +1434,14 @@ def check_schema(ds, name):
     schema = ds.data.schema
     missing = [c for c in need if c not in schema.names]
     if missing:
-        sys.exit(f"error: {name} has no {', '.join(missing)} column(s) (it has {', '.join(schema.names)}): "
+        fail(f"{name} has no {', '.join(missing)} column(s) (it has {', '.join(schema.names)}): "
                  "train.py reads prepare_data.py's output (input_ids, labels -100 outside the replies, length)")
     for col, kind in need.items():
         t = schema.field(col).type
         ok = (pa.types.is_integer(t.value_type) if pa.types.is_list(t) or pa.types.is_large_list(t) else False) \
             if kind == "list" else pa.types.is_integer(t)
         if not ok:
-            sys.exit(f"error: {name}: column {col} is {t}, expected {'a list of token ids' if kind == 'list' else 'an integer'}")
+            fail(f"{name}: column {col} is {t}, expected {'a list of token ids' if kind == 'list' else 'an integer'}")
 
 
 def load_stage_data(args, tokenizer):
@@ -1433,12 +1454,12 @@ def load_stage_data(args, tokenizer):
     else:
         data_name = os.path.join(args.data, f"stage{args.stage}")
         if not os.path.isdir(data_name):
-            sys.exit(f"error: {data_name} not found: run prepare_data.py --out {args.data} first")
+            fail(f"{data_name} not found: run prepare_data.py --out {args.data} first")
         with open(os.path.join(data_name, "state.json")) as f:
             empty = not json.load(f).get("_data_files")  # datasets cannot load a saved dataset of 0 rows
         ds, cpt_counts = (None if empty else load_from_disk(data_name)), None
         if empty or not len(ds):
-            sys.exit(f"error: {data_name} has no rows: prepare_data.py kept no record for stage {args.stage} (its "
+            fail(f"{data_name} has no rows: prepare_data.py kept no record for stage {args.stage} (its "
                      f"{os.path.join(args.data, 'report.md')} says why; stage 2 takes high_quality sources only, or "
                      "others graded by --judge-model)")
     check_schema(ds, data_name)
@@ -1448,7 +1469,7 @@ def load_stage_data(args, tokenizer):
     if cpt_counts:
         counts.update(cpt_counts)
     if not len(idx):
-        sys.exit(f"error: no trainable sample in {data_name} (counts: {counts})")
+        fail(f"no trainable sample in {data_name} (counts: {counts})")
     return ds, data_name, idx, sel_len, counts, max_id
 
 
@@ -1492,7 +1513,7 @@ def compare_settings(saved, config, start, step):
     refused = {k: (value(saved, k), value(config, k)) for k in sorted(RESUME_REFUSED) if value(saved, k) != value(config, k)}
     if refused:
         said = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in refused.items())
-        sys.exit(f"error: {start} belongs to a run with other settings ({said}). These define the run and cannot "
+        fail(f"{start} belongs to a run with other settings ({said}). These define the run and cannot "
                  "change mid-run: resume with the same ones, or start afresh with --resume none (or another --out-dir)")
     return [{"setting": k, "old": saved.get(k), "new": config[k], "from_step": step + 1} for k in sorted(RESUME_APPLIED)
             if k in saved and saved[k] != config[k]]
@@ -1511,7 +1532,7 @@ def apply_hyperparameters(opt, sched, args):
     sched._last_lr = [group["lr"] for group in opt.param_groups]
 
 
-def resume_step(args, start, run_dir, config, engine, model, opt, sched, rank, world, position, log):
+def resume_step(args, start, run_dir, config, engine, model, opt, sched, rank, world, position):
     """Load checkpoint `start` (None: a fresh run) and return the steps it holds. A checkpoint
     written with settings that define the run is refused; settings users change on purpose are
     applied from here on, with a warning, and recorded in config["changes"] (compare_settings).
@@ -1525,7 +1546,7 @@ def resume_step(args, start, run_dir, config, engine, model, opt, sched, rank, w
     config["changes"] = saved.get("changes", []) + changes
     universal = None
     if engine is not None and position["world_size"] != world:
-        universal = to_universal(start, run_dir, rank, log)
+        universal = to_universal(start, run_dir, rank)
     step = load_checkpoint(start, engine, model, opt, sched, rank, universal)
     if universal:
         barrier()
@@ -1546,9 +1567,8 @@ def save_final(final, args, run_dir, model, peft_model, engine, zero_stage, toke
     if args.lora:
         if master:
             adapter = os.path.join(run_dir, "final-adapter")
-            tmp = staging_dir(adapter)
-            peft_model.save_pretrained(tmp)
-            replace_dir(tmp, adapter)
+            with staged_folder(adapter) as tmp:
+                peft_model.save_pretrained(tmp)
             merged = peft_model.merge_and_unload()
             save_model(merged, tokenizer, final, stored_dtype, {"train_config.json": config})
     elif engine is not None and zero_stage == 3:
@@ -1560,33 +1580,52 @@ def save_final(final, args, run_dir, model, peft_model, engine, zero_stage, toke
         save_model(model, tokenizer, final, stored_dtype, {"train_config.json": config})
 
 
+def choose_checkpoint(args, ckpt_root, run_dir, rank, world):
+    """(checkpoint to resume or None, its data position, its world size's accumulation plan):
+    the newest one that verifies (--resume auto; never afresh over existing ones), a given one
+    (which must verify), or none (--resume none deletes the old ones). Decided before anything
+    else: a checkpoint of another world size changes the accumulation and how DeepSpeed loads it."""
+    if args.resume == "none" and rank == 0:
+        shutil.rmtree(ckpt_root, ignore_errors=True)
+    barrier()
+    if args.resume == "auto":
+        start = checkpoint_to_resume(ckpt_root, rank, world)
+    elif args.resume == "none":
+        start = None
+    else:
+        start = args.resume
+        reason = verify_checkpoint(start, rank, world)
+        if reason:
+            fail(f"--resume {start}: {reason}")
+    position = checkpoint_position(start, run_dir) if start else None
+    resumed_total = None
+    if position:  # on another world size, the accumulation that keeps the global batch
+        args.grad_accum, resumed_total = resume_plan(position, world, args.grad_accum)
+    return start, position, resumed_total
+
+
 def main(argv=None):
-    # --- setup: flags, processes, seeds
+    # --- 1. config and inputs: flags, --deepspeed, every path (nothing heavy loads before they check out)
     args = parse_args(argv)
     from tqdm import tqdm
     from transformers import AutoTokenizer
-
-    try:
-        with open(args.deepspeed) as f:
-            ds_file = json.load(f)
-    except (OSError, ValueError) as e:
-        sys.exit(f"error: --deepspeed {args.deepspeed}: {e}")
+    ds_file = read_deepspeed_config(args.deepspeed)
     zero_stage = args.zero_stage if args.zero_stage is not None else ds_file.get("zero_optimization", {}).get("stage", 0)
-    tok_dir = check_inputs(args)  # paths first: nothing heavy is loaded before they are known to exist
+    tok_dir = check_inputs(args)
     if args.lora and zero_stage == 3:
-        sys.exit("error: --lora needs --zero-stage 0, 1 or 2 (merging adapters into ZeRO-3 shards is not supported)")
-    rank, world, device = setup_distributed(zero_stage > 0)
-    master = rank == 0
-    log = (lambda msg: tqdm.write(msg)) if master else (lambda msg: None)
-    torch.manual_seed(args.seed)
-    random.seed(args.seed)
-    np.random.seed(args.seed)
+        fail("--lora needs --zero-stage 0, 1 or 2 (merging adapters into ZeRO-3 shards is not supported)")
     if args.tensorboard:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            sys.exit("error: --tensorboard needs the tensorboard package (pip install tensorboard)")
+            fail("--tensorboard needs the tensorboard package (pip install tensorboard)")
 
+    # --- 2. processes, seeds, the run folder's lock
+    rank, world, device = setup_distributed(zero_stage > 0)
+    master = rank == 0
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
     run_dir = os.path.join(args.out_dir, f"stage{args.stage}")
     ckpt_root = os.path.join(run_dir, "checkpoints")
     if master:  # one writer per run folder; held until this process ends
@@ -1596,28 +1635,13 @@ def main(argv=None):
         if previous_holder:
             log(f"{run_dir}: the previous run ({previous_holder}) has ended; taking over its folder")
     barrier()
-    # --- resume: the newest checkpoint (--resume auto), a given one, or none. Decided first: a
-    # checkpoint of another world size changes the accumulation and how DeepSpeed loads it.
-    if args.resume == "none" and master:
-        shutil.rmtree(ckpt_root, ignore_errors=True)
-    barrier()
-    if args.resume == "auto":  # the newest checkpoint that verifies; never afresh over existing ones
-        start = checkpoint_to_resume(ckpt_root, rank, world, log)
-    elif args.resume == "none":
-        start = None
-    else:
-        start = args.resume
-        reason = verify_checkpoint(start, rank, world)
-        if reason:
-            sys.exit(f"error: --resume {start}: {reason}")
-    position = checkpoint_position(start, run_dir) if start else None
-    resumed_total = None
-    if position:  # on another world size, the accumulation that keeps the global batch
-        args.grad_accum, resumed_total = resume_plan(position, world, args.grad_accum, log)
-    model_path = resolve_model(args, tok_dir, master, log)
-    tokenizer = AutoTokenizer.from_pretrained(tok_dir or model_path, trust_remote_code=args.trust_remote_code)
 
-    # --- data: select, pack, plan steps (identically on every rank: packing is deterministic)
+    # --- 3. the checkpoint to resume from, if any
+    start, position, resumed_total = choose_checkpoint(args, ckpt_root, run_dir, rank, world)
+
+    # --- 4. tokenizer, data, plan (identical on every rank: packing is deterministic)
+    model_path = resolve_model(args, tok_dir, master)
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir or model_path, trust_remote_code=args.trust_remote_code)
     ds, data_name, idx, sel_len, counts, max_id = load_stage_data(args, tokenizer)
     packs0 = pack_best_fit(sel_len, args.max_len, args.seed, 0)
     fill0 = fill_efficiency(packs0, sel_len, args.max_len)
@@ -1632,16 +1656,15 @@ def main(argv=None):
         f"{len(packs0)} packs of <= {args.max_len} tokens, fill {fill0:.2%}; "
         f"{steps_per_epoch} steps/epoch on {world} rank(s) x {args.grad_accum} packs; {total_steps} steps")
 
-    # --- model, optimizer, schedule; DeepSpeed or plain PyTorch
+    # --- 5. model (+ LoRA). Under ZeRO-3 DeepSpeed's config must exist before the weights load.
     dtype = args.dtype if args.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    attn = pick_attention(args.attn, device, args.max_len, log)
+    attn = pick_attention(args.attn, device, args.max_len)
     engine = ds_keepalive = None
     if zero_stage > 0:
         try:
             import deepspeed
             deepspeed.init_distributed(dist_backend=dist.get_backend())  # adopts our process group
-            hidden = model_cfg.hidden_size
-            ds_cfg = deepspeed_config(args.deepspeed, args, world, dtype, zero_stage, hidden)
+            ds_cfg = deepspeed_config(ds_file, args, world, dtype, zero_stage, model_cfg.hidden_size)
             if position and position["world_size"] != world:  # ZeRO shards of another world size
                 ds_cfg["checkpoint"] = {**ds_cfg.get("checkpoint", {}), "load_universal": True}
             if zero_stage == 3:
@@ -1658,20 +1681,24 @@ def main(argv=None):
     load_dtype = torch.bfloat16 if zero_stage > 0 and dtype == "bf16" else torch.float32
     model, stored_dtype = load_model(model_path, load_dtype, attn, args.trust_remote_code)
     if max_id >= model.config.vocab_size:
-        sys.exit(f"error: {data_name} has token id {max_id} but {model_path} has only {model.config.vocab_size} "
-                 "embeddings: the data was tokenized for another model (prepare_data.py --tokenizer)")
-    gc = args.gradient_checkpointing if args.gradient_checkpointing is not None else device.type == "cuda"
-    if gc:
+        fail(f"{data_name} has token id {max_id} but {model_path} has only {model.config.vocab_size} embeddings: "
+             "the data was tokenized for another model (prepare_data.py --tokenizer)")
+    grad_ckpt = args.gradient_checkpointing if args.gradient_checkpointing is not None else device.type == "cuda"
+    if grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    peft_model = None
     if args.lora:
         from peft import LoraConfig, get_peft_model
-        if gc:
+        if grad_ckpt:
             model.enable_input_require_grads()
         # get_peft_model injects the adapters into `model` itself, which PackedLM keeps using
         peft_model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha,
                                                       lora_dropout=args.lora_dropout, target_modules="all-linear",
                                                       task_type="CAUSAL_LM"))
     n_params, n_matmul = count_params(model), matmul_params(model)
+
+    # --- 6. optimizer, schedule, and the wrapper that runs the steps (DeepSpeed engine, DDP, or none).
+    # `model` stays the Hugging Face model throughout; `packed_lm` is it plus the loss, what gets wrapped.
     packed_lm = PackedLM(model, args.loss_chunk)
     opt = adamw(model, args)
 
@@ -1683,6 +1710,7 @@ def main(argv=None):
         if zero_stage == 3:
             # PackedLM reads lm_head.weight itself instead of calling lm_head: tell ZeRO-3 to gather it
             deepspeed.zero.register_external_parameter(packed_lm, model.get_output_embeddings().weight)
+        # DeepSpeed wraps the optimizer too: from here `opt` is its ZeRO optimizer around our AdamW
         engine, opt, _, sched = deepspeed.initialize(model=packed_lm, optimizer=opt, lr_scheduler=make_schedule,
                                                      config=ds_cfg)
         runner = engine
@@ -1696,14 +1724,15 @@ def main(argv=None):
     model.train()
     log(f"model: {model_path} ({n_params / 1e6:.1f}M params{', LoRA' if args.lora else ''}), attention {attn}, "
         f"compute {dtype}, {'DeepSpeed ZeRO-' + str(zero_stage) if zero_stage else 'plain PyTorch' + (' DDP' if ddp else '')}, "
-        f"gradient checkpointing {'on' if gc else 'off'}; packed-sample isolation checked (err {err:.1e})")
+        f"gradient checkpointing {'on' if grad_ckpt else 'off'}; packed-sample isolation checked (err {err:.1e})")
 
+    # --- 7. restore the checkpoint, write the run's config, open the log, arm the signals
     in_out_dir = os.path.relpath(model_path, args.out_dir)
     config = {**vars(args), "model_resolved": model_path, "world_size": world, "attention": attn, "compute_dtype": dtype,
               "model_in_out_dir": None if in_out_dir.startswith("..") else in_out_dir, "changes": [],
               "zero_stage": zero_stage, "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
               "data_counts": counts, "fill": fill0}
-    step = resume_step(args, start, run_dir, config, engine, model, opt, sched, rank, world, position, log)
+    step = resume_step(args, start, run_dir, config, engine, model, opt, sched, rank, world, position)
     os.makedirs(run_dir, exist_ok=True)
     log_path = os.path.join(run_dir, "log.jsonl")
     if master:
@@ -1713,7 +1742,6 @@ def main(argv=None):
         atomic_write(log_path, lambda f: f.write("".join(kept).encode()))
     log_file = open(log_path, "a") if master else None
     tb = SummaryWriter(os.path.join(run_dir, "tensorboard")) if master and args.tensorboard else None
-
     # SIGTERM (preemption, scancel, torchrun shutting down): finish the step, checkpoint, exit
     stop = {"signal": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(signal=True))
@@ -1721,7 +1749,6 @@ def main(argv=None):
     # workers would train on as orphans. A worker whose parent changed treats it as a SIGTERM.
     launcher = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None
 
-    # --- training loop: one optimizer step per plan entry, --grad-accum packs per rank
     peak = peak_tflops(args, device)
     bar = tqdm(total=total_steps, initial=step, disable=not master, desc=f"stage {args.stage}", dynamic_ncols=True)
     end = min(total_steps, step + args.stop_after) if args.stop_after else total_steps
@@ -1731,73 +1758,64 @@ def main(argv=None):
         took = save_checkpoint(ckpt_root, step, engine, model, opt, sched, rank, args.keep_last, world, position)
         log(f"checkpoint step-{step:07d}: {took['total']:.1f} s (writing {took['write']:.1f} s, "
             f"hashing {took['hash']:.1f} s)")
+
+    def log_step(rec):  # rank 0: log.jsonl, TensorBoard, the bar, and every --log-every steps a line
+        if not master:
+            return
+        log_file.write(json.dumps(rec) + "\n")
+        log_file.flush()
+        if tb:
+            for k in ("loss", "lr", "grad_norm", "tokens_per_s_per_device", "fill", "peak_mem_gib"):
+                tb.add_scalar(f"train/{k}", rec[k], rec["step"])
+        bar.update(1)
+        bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tokens_per_s']:,.0f}")
+        if rec["step"] % args.log_every == 0 or rec["step"] == total_steps:
+            log(f"step {rec['step']}/{total_steps}  loss {rec['loss']:.4f}  lr {rec['lr']:.2e}  "
+                f"grad-norm {rec['grad_norm']:.3f}  {rec['tokens_per_s_per_device']:,.0f} tok/s/device"
+                + (f"  MFU {rec['mfu']:.1%}" if peak else ""))
+
+    # --- 8. train: one optimizer step per step_plan entry, --grad-accum packs per rank. The data
+    # position (`done` packs of epoch `epoch` trained) is what every checkpoint saves.
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    # The data position: `done` packs of epoch `epoch` are trained. It is saved in every checkpoint
-    # as a number of packs, which means the same on any number of ranks.
     epoch, done = (position["epoch"], position["packs_done"]) if position else (0, 0)
     while step < end:
         packs = pack_best_fit(sel_len, args.max_len, args.seed, epoch)
-        for plan in step_plan(len(packs), world, args.grad_accum, start=done):
+        for step_packs in step_plan(len(packs), world, args.grad_accum, start=done):
             t0 = time.time()
-            mine = plan[rank]
-            batches = [collate_pack(ds.select(idx[packs[p if p is not None else plan[0][0]]]), args.max_len) for p in mine]
-            real = [p is not None for p in mine]
-            n_step = all_sum(sum(trained_tokens(b["labels"]) for b, r in zip(batches, real) if r), device)
+            # this rank's packs, collated; the loss is the mean over the step's trained tokens on all ranks
+            batches, is_filler = rank_micro_batches(ds, idx, packs, step_packs, rank, args.max_len)
+            step_tokens = all_sum(sum(trained_tokens(b["labels"]) for b, f in zip(batches, is_filler) if not f), device)
             lr = sched.get_last_lr()[0]
-            loss_sum = forward_backward(runner, batches, real, n_step, world, device, autocast)
-            loss = all_sum(loss_sum, device) / n_step
-            if not math.isfinite(loss):
-                bar.close()
-                msg = (f"error: loss is {loss} at step {step + 1}; stopped before the optimizer step. "
-                       f"The last good checkpoint is {latest_checkpoint(ckpt_root) or '(none yet)'}")
-                log(msg)
-                sys.exit(msg)
-            if engine is not None:
-                engine.step()  # the accumulation boundary: clip, optimizer step, schedule step
-                grad_norm = float(engine.get_global_grad_norm() or 0.0)
-            else:
-                grad_norm = torch.nn.utils.clip_grad_norm_(packed_lm.parameters(), args.clip if args.clip > 0 else float("inf")).item()
-                opt.step()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
+            # forward and backward of every micro-batch
+            loss_sum = forward_backward(runner, batches, is_filler, step_tokens, world, device, autocast)
+            loss = all_sum(loss_sum, device) / step_tokens
+            stop_if_not_finite("loss", loss, step + 1, ckpt_root, bar, "stopped before the optimizer step")
+            # the update
+            grad_norm = optimizer_step(engine, opt, sched, packed_lm, args.clip)
+            stop_if_not_finite("gradient norm", grad_norm, step + 1, ckpt_root, bar,
+                               "the weights are no longer usable")
             step += 1
-            trained = sorted(p for r in plan for p in r if p is not None)
+            trained = sorted(p for rank_packs in step_packs for p in rank_packs if p is not None)
             done += len(trained)
+            # metrics and logs
             dt = time.time() - t0
-            seqlens = [int(x) for b, r in zip(batches, real) if r for x in b["cu_seqlens"].diff()]
+            seqlens = [int(x) for b, f in zip(batches, is_filler) if not f for x in b["cu_seqlens"].diff()]
             tokens = all_sum(sum(seqlens), device)
             flops = all_sum(step_flops(model.config, n_matmul, seqlens), device)
             mem = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
                    else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-            rec = {"step": step, "epoch": epoch, "packs": trained, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                   "trained_tokens": int(n_step), "tokens": int(tokens), "tokens_per_s": tokens / dt,
-                   "tokens_per_s_per_device": tokens / dt / world, "tflops_per_device": flops / dt / world / 1e12,
-                   "mfu": flops / dt / world / 1e12 / peak if peak else None,
-                   "fill": tokens / (sum(r is not None for rk in plan for r in rk) * args.max_len),
-                   "peak_mem_gib": mem / 2**30, "time_s": dt}
-            if not math.isfinite(grad_norm):
-                msg = (f"error: gradient norm is {grad_norm} at step {step}; the weights are no longer usable. "
-                       f"The last good checkpoint is {latest_checkpoint(ckpt_root) or '(none yet)'}")
-                log(msg)
-                sys.exit(msg)
-            if master:
-                log_file.write(json.dumps(rec) + "\n")
-                log_file.flush()
-                if tb:
-                    for k in ("loss", "lr", "grad_norm", "tokens_per_s_per_device", "fill", "peak_mem_gib"):
-                        tb.add_scalar(f"train/{k}", rec[k], step)
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / dt:,.0f}")
-                if step % args.log_every == 0 or step == total_steps:
-                    log(f"step {step}/{total_steps}  loss {loss:.4f}  lr {lr:.2e}  grad-norm {grad_norm:.3f}  "
-                        f"{tokens / dt / world:,.0f} tok/s/device" + (f"  MFU {rec['mfu']:.1%}" if peak else ""))
+            log_step({"step": step, "epoch": epoch, "packs": trained, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                      "trained_tokens": int(step_tokens), "tokens": int(tokens), "tokens_per_s": tokens / dt,
+                      "tokens_per_s_per_device": tokens / dt / world, "tflops_per_device": flops / dt / world / 1e12,
+                      "mfu": flops / dt / world / 1e12 / peak if peak else None,
+                      "fill": tokens / (len(trained) * args.max_len), "peak_mem_gib": mem / 2**30, "time_s": dt})
+            # stop (SIGTERM, the launcher gone) or save
             if launcher is not None and os.getppid() != launcher:
                 stop["signal"] = True
             stop_now = all_sum(stop["signal"], device) > 0
-            position = {"step": step, "epoch": epoch + (done == len(packs)), "packs_done": done % len(packs),
-                        "world_size": world, "grad_accum": args.grad_accum, "global_batch": world * args.grad_accum,
-                        "total_steps": total_steps}
+            position = data_position(step, epoch + (done == len(packs)), done % len(packs), world, args.grad_accum,
+                                     total_steps)
             if step % args.save_every == 0 or step == end or stop_now:
                 checkpoint(step, position)
                 last_saved = step
@@ -1810,6 +1828,8 @@ def main(argv=None):
                 break
         else:  # the epoch is done
             epoch, done = epoch + 1, 0
+
+    # --- 9. finish: the last checkpoint, the loss curve, the final weights
     bar.close()
     if last_saved != step:
         checkpoint(step, position)
@@ -1820,18 +1840,13 @@ def main(argv=None):
         plot_loss(log_path, os.path.join(run_dir, "loss.png"))
     if step < total_steps:
         log(f"stopped after step {step} of {total_steps} (--stop-after); run the same command to continue")
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        return 0
-
-    # --- final weights: a Hugging Face folder in the checkpoint's own dtype
-    final = os.path.join(run_dir, "final")
-    t0 = time.time()
-    save_final(final, args, run_dir, model, peft_model if args.lora else None, engine, zero_stage, tokenizer,
-               stored_dtype, config, master)
-    barrier()
-    log(f"saved {final} after {step} steps ({time.time() - t0:.1f} s); log {log_path}, "
-        f"curve {os.path.join(run_dir, 'loss.png')}")
+    else:  # a Hugging Face folder in the checkpoint's own dtype
+        final = os.path.join(run_dir, "final")
+        t0 = time.time()
+        save_final(final, args, run_dir, model, peft_model, engine, zero_stage, tokenizer, stored_dtype, config, master)
+        barrier()
+        log(f"saved {final} after {step} steps ({time.time() - t0:.1f} s); log {log_path}, "
+            f"curve {os.path.join(run_dir, 'loss.png')}")
     if dist.is_initialized():
         dist.destroy_process_group()
     return 0

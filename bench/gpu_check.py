@@ -62,7 +62,7 @@ def check_isolation(smoke):
     import train
     gpu = torch.cuda.is_available() and not smoke
     device = torch.device("cuda" if gpu else "cpu")
-    attn = train.pick_attention("auto" if gpu else "varlen_reference", device, 4096, print)
+    attn = train.pick_attention("auto" if gpu else "varlen_reference", device, 4096)
     shape = {**(SHAPE_TINY if smoke else SHAPE_18B), "num_hidden_layers": 2}
     dtype = torch.bfloat16 if gpu else torch.float32
     la, lb = (150, 250) if smoke else (1500, 2500)

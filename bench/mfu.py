@@ -76,7 +76,7 @@ def main():
 
     gpu = torch.cuda.is_available()
     device = torch.device("cuda" if gpu else "cpu")
-    attn = train.pick_attention(a.attn, device, a.max_len, print)
+    attn = train.pick_attention(a.attn, device, a.max_len)
     cfg = LlamaConfig(max_position_embeddings=max(32768, a.max_len), rope_theta=1e6, tie_word_embeddings=False,
                       **SHAPES[a.shape])
     cfg._attn_implementation = attn
@@ -100,7 +100,7 @@ def main():
             if gpu:
                 torch.cuda.synchronize()
             t0 = time.time()
-        train.forward_backward(runner, [b], [True], train.trained_tokens(b["labels"]), 1, device, autocast)
+        train.forward_backward(runner, [b], [False], train.trained_tokens(b["labels"]), 1, device, autocast)
         if opt is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()

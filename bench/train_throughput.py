@@ -88,7 +88,7 @@ def run_ours(data, tokenizer_dir, max_len, gpu):
     for p in packs:
         b = train.collate_pack(ds.select(idx[p]), max_len)
         n = train.trained_tokens(b["labels"])
-        train.forward_backward(runner, [b], [True], n, 1, device, autocast)
+        train.forward_backward(runner, [b], [False], n, 1, device, autocast)
         opt.step()
         opt.zero_grad(set_to_none=True)
         real += int(b["input_ids"].shape[1])

@@ -16,7 +16,7 @@ from transformers import (AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, M
 from torch.nn.attention import varlen as torch_varlen_module
 
 import train
-from test_train import assert_same_grads, grads, make_internlm2_checkpoint, random_samples
+from conftest import assert_same_grads, grads, make_internlm2_checkpoint, random_samples
 
 CPU, GPU = torch.device("cpu"), torch.device("cuda", 0)
 train.register_packed_attention()
@@ -233,10 +233,11 @@ def machine(monkeypatch):
     ((9, 0), False, True, "flash_attention_2"),  # torch < 2.10 with flash-attn
     ((7, 0), True, True, "flash_attention_2"),   # V100: no FA2 in torch; flash_attn decides (and checks itself)
 ])
-def test_auto_attention_on_a_gpu(machine, capability, varlen, flash, expected):
+def test_auto_attention_on_a_gpu(machine, capability, varlen, flash, expected, monkeypatch):
     machine(capability, varlen, flash)
     said = []
-    assert train.pick_attention("auto", GPU, 32768, said.append) == expected
+    monkeypatch.setattr(train, "log", said.append)
+    assert train.pick_attention("auto", GPU, 32768) == expected
     assert said == []
 
 
@@ -245,28 +246,30 @@ def test_auto_attention_on_a_gpu_with_no_boundary_aware_kernel_stops_and_says_wh
     machine(capability, varlen, flash=False)
     with pytest.raises(SystemExit, match=r"no attention kernel that reads sample boundaries.*torch >= 2\.10.*"
                                          r"pip install flash-attn.*--attn sdpa to accept a dense \[4096 x 4096\]"):
-        train.pick_attention("auto", GPU, 4096, print)
+        train.pick_attention("auto", GPU, 4096)
 
 
-def test_explicit_choices(machine):
+def test_explicit_choices(machine, monkeypatch):
     machine(varlen=True, flash=False)
     said = []
-    assert train.pick_attention("varlen", GPU, 32768, said.append) == "varlen"
-    assert train.pick_attention("sdpa", GPU, 32768, said.append) == "sdpa"  # asked for: runs, with the warning
+    monkeypatch.setattr(train, "log", said.append)
+    assert train.pick_attention("varlen", GPU, 32768) == "varlen"
+    assert train.pick_attention("sdpa", GPU, 32768) == "sdpa"  # asked for: runs, with the warning
     assert "dense [32768 x 32768] mask" in said[-1] and "--attn varlen" in said[-1]
-    assert train.pick_attention("sdpa", GPU, 8192, said.append) == "sdpa" and len(said) == 1
+    assert train.pick_attention("sdpa", GPU, 8192) == "sdpa" and len(said) == 1
     with pytest.raises(SystemExit, match=r"needs the flash_attn package.*or use --attn varlen"):
-        train.pick_attention("flash_attention_2", GPU, 4096, said.append)
-    assert train.pick_attention("varlen_reference", CPU, 4096, said.append) == "varlen_reference"
+        train.pick_attention("flash_attention_2", GPU, 4096)
+    assert train.pick_attention("varlen_reference", CPU, 4096) == "varlen_reference"
     with pytest.raises(SystemExit, match=r"--attn varlen needs PyTorch's varlen kernel.*on cpu.*varlen_reference"):
-        train.pick_attention("varlen", CPU, 4096, said.append)
+        train.pick_attention("varlen", CPU, 4096)
     machine(varlen=False, flash=True)
-    assert train.pick_attention("flash_attention_2", GPU, 32768, said.append) == "flash_attention_2"
+    assert train.pick_attention("flash_attention_2", GPU, 32768) == "flash_attention_2"
     with pytest.raises(SystemExit, match="--attn varlen needs PyTorch's varlen kernel"):
-        train.pick_attention("varlen", GPU, 4096, said.append)
+        train.pick_attention("varlen", GPU, 4096)
 
 
-def test_auto_on_cpu_is_sdpa_and_says_nothing(machine):
+def test_auto_on_cpu_is_sdpa_and_says_nothing(machine, monkeypatch):
     machine(varlen=True, flash=True)
     said = []
-    assert train.pick_attention("auto", CPU, 32768, said.append) == "sdpa" and said == []
+    monkeypatch.setattr(train, "log", said.append)
+    assert train.pick_attention("auto", CPU, 32768) == "sdpa" and said == []

@@ -6,7 +6,7 @@ import os
 import pytest
 
 import evaluate
-from test_train import save_tiny_llama
+from conftest import save_tiny_llama
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SLICE = os.path.join(ROOT, "lawbench_assets", "data")

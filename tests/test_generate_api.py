@@ -4,33 +4,21 @@ The server is a real third-party one: transformers' own `transformers serve`, st
 on 127.0.0.1 with a tiny model trained on the demo data (so that it ends its replies with the
 chat template's end of turn). The reference is the in-process backend: the same greedy
 replies, the same files. Nothing leaves the machine."""
-import contextlib
-import http.server
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
-import threading
 import time
-import urllib.request
 
 import pytest
 
 import evaluate
-from test_train import save_tiny_llama
+from conftest import StandIn, constant_model, free_port, rand_records, run_prepare, save_tiny_llama, serving, src, stand_in, write_jsonl
 
 pytestmark = pytest.mark.slow
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SLICE = os.path.join(ROOT, "lawbench_assets", "data")
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -43,35 +31,6 @@ def trained(tmp_path_factory, demo_prepared):
                        "--max-len", "1024", "--lr", "3e-3", "--max-steps", "40", "--warmup-ratio", "0.05",
                        "--zero-stage", "0", "--log-every", "100"]) == 0
     return str(base / "out" / "stage1" / "final")
-
-
-@contextlib.contextmanager
-def serving(model):
-    """`transformers serve MODEL` on a free local port for the duration; yields its /v1 URL."""
-    port = free_port()
-    exe = os.path.join(os.path.dirname(sys.executable), "transformers")
-    log = tempfile.TemporaryFile(mode="w+")
-    proc = subprocess.Popen([exe, "serve", model, "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"],
-                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-                            start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(600):
-            try:
-                urllib.request.urlopen(url + "/health", timeout=1)
-                break
-            except OSError:
-                if proc.poll() is not None:
-                    log.seek(0)
-                    pytest.fail("transformers serve exited: " + log.read()[-3000:])
-                time.sleep(0.2)
-        else:
-            pytest.fail("transformers serve did not start in 120 s")
-        yield url + "/v1"
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
-        log.close()
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +109,6 @@ def test_two_processes_under_torchrun_write_the_files_of_one(tmp_path, trained):
 
 def test_the_stage2_judge_grades_the_same_through_a_server(tmp_path, bpe_tokenizer):
     """prepare_data.py's judge: the same rubric, parser and cache through --judge-api-base."""
-    from test_prepare_data import constant_model, rand_records, run_prepare, src, write_jsonl
     sources = [src("hq", write_jsonl(tmp_path / "a.jsonl", rand_records(3, 1))),
                src("web", write_jsonl(tmp_path / "b.jsonl", rand_records(5, 2)), high_quality=False)]
     judge = constant_model(bpe_tokenizer, "4", str(tmp_path / "judge4"))
@@ -167,44 +125,6 @@ def test_the_stage2_judge_grades_the_same_through_a_server(tmp_path, bpe_tokeniz
 
 # ---------------------------------------------------------------------------------------------
 # Servers that fail: a stand-in that answers 503 / 429 first, and one that is not there at all
-
-class StandIn(http.server.BaseHTTPRequestHandler):
-    """An OpenAI-compatible stand-in server: /v1/models lists `served`; a chat completion is
-    answered by answer(request) -> (HTTP status, reply text)."""
-    served = "judge-70b"
-
-    def log_message(self, *a):
-        pass
-
-    def reply(self, code, body):
-        data = json.dumps(body).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def do_GET(self):
-        self.reply(200, {"object": "list", "data": [{"id": self.served, "object": "model", "owned_by": "x"}]})
-
-    def do_POST(self):
-        req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        code, text = self.answer(req)
-        if code != 200:
-            return self.reply(code, {"error": {"message": text}})
-        self.reply(200, {"id": "x", "object": "chat.completion", "created": 0, "model": req["model"],
-                         "choices": [{"index": 0, "finish_reason": "stop",
-                                      "message": {"role": "assistant", "content": text}}]})
-
-
-@contextlib.contextmanager
-def stand_in(handler):
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{srv.server_address[1]}/v1"
-    finally:
-        srv.shutdown()
 
 
 class Flaky(StandIn):

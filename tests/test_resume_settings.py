@@ -11,7 +11,7 @@ import shutil
 import pytest
 
 import train
-from test_train import read_log, save_tiny_llama
+from conftest import read_log, save_tiny_llama
 
 pytestmark = pytest.mark.slow
 

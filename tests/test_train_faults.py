@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 import train
-from test_train import read_log, save_tiny_llama
+from conftest import PORT, read_log, save_tiny_llama
 
 pytestmark = pytest.mark.slow
 
@@ -59,7 +59,7 @@ def test_a_truncated_newest_checkpoint_is_skipped_and_the_previous_one_resumed(t
         f.truncate(os.path.getsize(state) // 2)
     capsys.readouterr()
     assert train.main(args(demo_prepared, tiny, tmp_path)) == 0  # used to die in torch's zip reader
-    said = capsys.readouterr().out
+    said = capsys.readouterr().err
     assert "skipping checkpoint step-0000006: " in said and "state.pt has" in said
     assert "resumed from " + os.path.join(root, "step-0000004") in said
     assert_resumed_like_straight(tmp_path, straight)
@@ -71,7 +71,7 @@ def test_latest_naming_a_missing_folder_resumes_from_the_newest_complete_checkpo
     shutil.rmtree(os.path.join(root, "step-0000006"))  # `latest` still says step-0000006
     capsys.readouterr()
     assert train.main(args(demo_prepared, tiny, tmp_path)) == 0  # used to restart from step 0 and cut the log
-    said = capsys.readouterr().out
+    said = capsys.readouterr().err
     assert "names step-0000006, which does not exist" in said and "resumed from" in said
     assert_resumed_like_straight(tmp_path, straight)
 
@@ -167,7 +167,6 @@ def test_a_second_run_on_a_busy_run_folder_is_refused_and_orphaned_workers_stop(
     import sys
 
     import psutil
-    from test_train_scale import PORT
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(next(PORT)),
            train.__file__, *args(demo_prepared, tiny, out, "--max-steps", "80", "--save-every", "1000")]
@@ -204,19 +203,20 @@ def test_a_second_run_on_a_busy_run_folder_is_refused_and_orphaned_workers_stop(
     assert "has ended; taking over its folder" in r.stdout + r.stderr
 
 
-def test_resume_plan_keeps_the_global_batch_when_it_can_and_says_what_changed_when_not():
+def test_resume_plan_keeps_the_global_batch_when_it_can_and_says_what_changed_when_not(monkeypatch):
     said = []
+    monkeypatch.setattr(train, "log", said.append)
     pos = {"step": 10, "epoch": 0, "packs_done": 40, "world_size": 4, "grad_accum": 2, "global_batch": 8,
            "total_steps": 30}
-    assert train.resume_plan(pos, 4, 2, said.append) == (2, None) and not said
-    assert train.resume_plan(pos, 2, 2, said.append) == (4, None)  # 2 ranks x 4 = 8 packs per step
-    assert train.resume_plan(pos, 8, 2, said.append) == (1, None)
+    assert train.resume_plan(pos, 4, 2) == (2, None) and not said
+    assert train.resume_plan(pos, 2, 2) == (4, None)  # 2 ranks x 4 = 8 packs per step
+    assert train.resume_plan(pos, 8, 2) == (1, None)
     assert "keeps its global batch of 8 packs" in said[-1]
     # 3 ranks cannot make 8 packs per step: 3 x 2 = 6, the remaining 20 steps' data takes 27
-    assert train.resume_plan(pos, 3, 2, said.append) == (2, 10 + 27)
+    assert train.resume_plan(pos, 3, 2) == (2, 10 + 27)
     assert "3 does not divide 8" in said[-1] and "global batch becomes 6" in said[-1] and "37 in all" in said[-1]
     # an explicitly changed --grad-accum on the same ranks is a changed global batch, and said so
-    assert train.resume_plan(pos, 4, 4, said.append) == (4, 10 + 10)
+    assert train.resume_plan(pos, 4, 4) == (4, 10 + 10)
     assert "--grad-accum changed from 2" in said[-1]
 
 
@@ -225,7 +225,7 @@ def test_a_changed_global_batch_continues_at_the_same_pack_and_keeps_its_stretch
     assert train.main(args(demo_prepared, tiny, tmp_path, "--stop-after", "3")) == 0  # 1 pack per step
     capsys.readouterr()
     assert train.main(args(demo_prepared, tiny, tmp_path, "--grad-accum", "2", "--stop-after", "1")) == 0
-    said = capsys.readouterr().out
+    said = capsys.readouterr().err
     assert "--grad-accum changed from 1" in said and "takes 3 more steps instead of 5 (6 in all)" in said
     assert train.main(args(demo_prepared, tiny, tmp_path, "--grad-accum", "2")) == 0  # the stretched schedule holds
     log = read_log(str(tmp_path / "stage1"))

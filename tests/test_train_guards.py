@@ -20,7 +20,7 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 import train
-from test_train import make_internlm2_checkpoint, read_log, save_tiny_llama
+from conftest import make_internlm2_checkpoint, read_log, save_tiny_llama
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -19,11 +19,10 @@ from safetensors.torch import load_file
 from transformers import LlamaForCausalLM
 
 import train
-from test_train import read_log, save_tiny_llama
+from conftest import PORT, read_log, save_tiny_llama
 
 pytestmark = pytest.mark.slow
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PORT = iter(range(29611, 29700))
 
 
 def torchrun(args, nproc=2, wait=True, log=None, **kw):
@@ -216,7 +215,7 @@ def test_zero3_resumes_on_fewer_and_on_more_ranks_through_the_universal_checkpoi
 
     run(2, "--stop-after", "4")
     said = run(1, "--stop-after", "8")  # steps 5-12, across the epoch boundary, on one rank accumulating 2 packs
-    assert "keeps its global batch of 2 packs" in said.stdout and "universal checkpoint layout" in said.stdout
+    assert "keeps its global batch of 2 packs" in said.stderr and "universal checkpoint layout" in said.stderr
     run(2)
     moved = tmp_path / "moved" / "stage1"
     assert_same_run(read_log(moved), read_log(straight), rel=1e-5)
@@ -229,7 +228,7 @@ def test_zero2_resumes_on_fewer_ranks_through_the_universal_checkpoint(tmp_path,
     ds_to_universal. 2 ranks -> stopped -> 1 rank, against the same uninterrupted run."""
     a = ["--stage", "1", *common(demo_prepared, tiny, tmp_path / "moved", *LONG, "--zero-stage", "2")]
     torchrun(a + ["--stop-after", "4"])
-    assert "saved on 2 rank(s)" in torchrun(a, nproc=1).stdout
+    assert "saved on 2 rank(s)" in torchrun(a, nproc=1).stderr
     moved = tmp_path / "moved" / "stage1"
     assert_same_run(read_log(moved), read_log(straight), rel=1e-5)
     assert_same_weights(moved, straight, atol=1e-5)
@@ -377,7 +376,7 @@ def test_on_cpu_a_deepspeed_that_cannot_start_falls_back_to_the_plain_loop(tmp_p
     monkeypatch.setenv("MASTER_PORT", str(next(PORT)))
     out = tmp_path / "out"
     assert train.main(["--stage", "1", *common(demo_prepared, tiny, out, "--max-steps", "2")]) == 0
-    printed = capsys.readouterr().out
+    printed = capsys.readouterr().err
     assert "DeepSpeed unavailable on this CPU machine (RuntimeError: shm comm op failed to build)" in printed
     assert "plain PyTorch" in printed
     assert json.load(open(out / "stage1" / "train_config.json"))["zero_stage"] == 0

@@ -1,7 +1,16 @@
-"""The append-only JSONL files every script resumes from (generation progress, judge caches,
+"""common.py, what the three scripts share.
+
+The append-only JSONL files every script resumes from (generation progress, judge caches,
 train.py's log): a kill may cut the last line at any byte, even inside a multi-byte character.
-Reading keeps every complete record and skips the torn one; appending first closes the torn line."""
+Reading keeps every complete record and skips the torn one; appending first closes the torn line.
+Folders are built beside their final place and swapped in; a failure or a dead process leaves
+nothing behind."""
 import json
+import os
+import subprocess
+import sys
+
+import pytest
 
 import common
 
@@ -49,3 +58,34 @@ def test_a_missing_file_and_rows_without_the_fields_read_as_nothing(tmp_path):
     assert common.read_jsonl(str(tmp_path / "none.jsonl")) == [] and common.read_jsonl(None) == []
     (tmp_path / "odd.jsonl").write_text('[1, 2]\n{"id": 3}\n"text"\n{"id": 4, "prediction": "x"}\n')
     assert common.read_jsonl_map(str(tmp_path / "odd.jsonl"), "id", "prediction") == {4: "x"}
+
+
+def test_a_staged_folder_replaces_the_old_one_only_when_complete(tmp_path):
+    final = tmp_path / "final"
+    final.mkdir()
+    (final / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError):
+        with common.staged_folder(str(final)) as tmp:
+            (tmp_path / "x").write_text(tmp)
+            open(os.path.join(tmp, "half.bin"), "wb").write(b"0" * 1000)
+            raise RuntimeError("the conversion crashed")
+    assert sorted(os.listdir(tmp_path)) == ["final", "x"]
+    assert not os.path.exists((tmp_path / "x").read_text())  # the staging folder is gone
+    assert os.listdir(final) == ["old.txt"]
+    with common.staged_folder(str(final)) as tmp:
+        open(os.path.join(tmp, "new.txt"), "w").write("new")
+    assert os.listdir(final) == ["new.txt"] and sorted(os.listdir(tmp_path)) == ["final", "x"]
+
+
+def test_a_staging_folder_left_by_a_dead_process_is_removed_and_a_live_ones_kept(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)  # that process has exited
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        for pid in (dead_pid, live.pid):
+            (tmp_path / f"final.tmp-{pid}").mkdir()
+        with common.staged_folder(str(tmp_path / "final")):
+            pass
+        assert sorted(os.listdir(tmp_path)) == ["final", f"final.tmp-{live.pid}"]
+    finally:
+        live.kill()
