@@ -284,7 +284,7 @@ def cherrant_align_many(pairs):
         for src, tgt in pairs[first:last]:
             ids = [np.array([token_id[t] for t in side], dtype=np.int64) for side in (src, tgt)]
             hashes = [np.zeros((2, len(x) + 1), dtype=np.int64) for x in ids]  # C order: one compiled variant
-            for x, h in zip(ids, hashes):
+            for x, h in zip(ids, hashes, strict=True):
                 np.cumsum(values[:, x], axis=1, out=h[:, 1:])
             out.append(align(*ids, *hashes, costs, *features))
         first = last
@@ -648,7 +648,7 @@ def cherrant_edits_many(pairs, cache=None):
         todo = [p for p in dict.fromkeys(todo) if p not in cache]
         aligned = [p for p in todo if _aligns(*p)]
         alignments = dict(zip(aligned, cherrant_align_many(
-            [(cherrant_tokens(s), cherrant_tokens(t)) for s, t in aligned])))
+            [(cherrant_tokens(s), cherrant_tokens(t)) for s, t in aligned]), strict=True))
         return {p: cherrant_annotate(*p, alignments.get(p)) for p in todo}
 
     first = annotate(pairs)

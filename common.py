@@ -197,7 +197,7 @@ def pack_best_fit(lengths, max_len, seed=0, epoch=0):
     by_space = [[] for _ in range(max_len + 1)]  # free space -> ids of packs with exactly that space
     has_space = 0
     members = []
-    for i, n in zip(order.tolist(), lengths[order].tolist()):
+    for i, n in zip(order.tolist(), lengths[order].tolist(), strict=True):
         above = has_space >> n
         if above:
             space = n + (above & -above).bit_length() - 1
@@ -356,7 +356,7 @@ def generate_replies(model, tok, stop_ids, prompts, todo, batch_size, max_new_to
                                  max_new_tokens=max_new_tokens, eos_token_id=stop_ids, pad_token_id=tok.pad_token_id,
                                  temperature=None, top_p=None, top_k=None)
         replies = []
-        for i, row in zip(batch, gen[:, width:].tolist()):
+        for i, row in zip(batch, gen[:, width:].tolist(), strict=True):
             row = row[:next((j for j, t in enumerate(row) if t in stop_ids), len(row))]
             replies.append((i, tok.decode(row, skip_special_tokens=True)))
         on_batch(replies)

@@ -59,8 +59,23 @@ from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 
 from cherrant import cherrant_edits_many, cherrant_resources, compare_edits, f_beta
-from common import (api_client, append_jsonl, atomic_write, chat_replies, check_served, fail, generate_replies, load_generator,
-                    lock_folder, log, model_fingerprint, open_jsonl_append, read_jsonl_map, setup_ranks, write_json)
+from common import (
+    api_client,
+    append_jsonl,
+    atomic_write,
+    chat_replies,
+    check_served,
+    fail,
+    generate_replies,
+    load_generator,
+    lock_folder,
+    log,
+    model_fingerprint,
+    open_jsonl_append,
+    read_jsonl_map,
+    setup_ranks,
+    write_json,
+)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # ChERRANT's lexical resources (from LawBench, Apache-2.0, see lawbench_assets/NOTICE.md).
@@ -220,7 +235,7 @@ def rouge_l(predictions, references):
     from rouge_chinese import Rouge
     cut = Rouge(metrics=["rouge-l"]).cut_sent
     scores, errors = [], []
-    for i, (pred, ref) in enumerate(zip(predictions, references)):
+    for i, (pred, ref) in enumerate(zip(predictions, references, strict=True)):
         hyp = _segment(pred)
         if hyp.strip() == "":
             hyp = "无内容"
@@ -362,7 +377,7 @@ MARITAL_LABELS = ["婚后有子女", "限制行为能力子女抚养", "有夫�
 def score_2_3(items):  # 婚姻纠纷鉴定: "类别:婚后有子女、限制行为能力子女抚养。"
     def gold_of(refr):
         labels = refr[3:-1].split("、")
-        if not (refr.startswith("类别:") and refr.endswith("。")) or any(l not in MARITAL_LABELS for l in labels):
+        if not (refr.startswith("类别:") and refr.endswith("。")) or any(label not in MARITAL_LABELS for label in labels):
             raise ReferenceError_(f"reference {refr!r} is not '类别:<label>、...。' with known labels")
         return set(labels)
     return _label_f1_task(items, MARITAL_LABELS, gold_of)
@@ -558,7 +573,7 @@ def score_2_10(items):  # 触发词提取: soft F1 of ";"-separated triggers, co
     total = 0.0
     for it in items:
         golds, preds = it["refr"].split(";"), it["prediction"].split(";")
-        matched = [char_f1(g, p) for g, p in zip(golds, preds)]
+        matched = [char_f1(g, p) for g, p in zip(golds, preds, strict=True)]
         precision, recall = sum(matched) / len(preds), sum(matched) / len(golds)
         total += 2 * precision * recall / (precision + recall + 1e-10)
     return {"score": total / len(items) if items else 0.0, "abstention_rate": None, "errors": []}
@@ -602,7 +617,7 @@ def score_2_1(items):
     pairs = [(source, ref) for _, source, _, ref in prepared] + [(source, pred) for _, source, pred, _ in prepared]
     edits = cherrant_edits_many(pairs, cache=_EDITS)
     refs, hyps = edits[:len(prepared)], edits[len(prepared):]
-    for (item_id, source, _, _), hyp_edits, ref_edits in zip(prepared, hyps, refs):
+    for (item_id, source, _, _), hyp_edits, ref_edits in zip(prepared, hyps, refs, strict=True):
         if hyp_edits is None or ref_edits is None:  # an empty source sentence: upstream crashes, we report it
             errors.append((item_id, f"ChERRANT cannot annotate source {source!r}"))
             continue
@@ -767,7 +782,7 @@ def score_predictions(pred_dir, setting=None, models=None, tasks=None, num_proc=
         task = res.pop("task")
         report[model]["problems"].extend(res.pop("problems"))
         report[model]["tasks"][task] = res
-    for model, entry in report.items():
+    for entry in report.values():
         entry["tasks"] = dict(sorted(entry["tasks"].items(), key=lambda kv: task_sort_key(kv[0])))
         entry["averages"] = averages({t: r["score"] for t, r in entry["tasks"].items()})
     return {"setting": setting, "predictions": os.path.abspath(pred_dir), "models": report}
@@ -935,13 +950,13 @@ def read_partials(partial_dir, task, n_items):
 def generate_task(model, tok, stop_ids, prompts, done, partial_path, batch_size, max_new_tokens, bar, only=None):
     """Greedy replies for the prompts not in `done` (and in `only`: this rank's share), appended
     to partial_path batch by batch. Returns the number of prompts truncated to fit the context."""
-    mine = [i for i in range(len(prompts)) if i not in done and (only is None or i in only)]
+    todo = [i for i in range(len(prompts)) if i not in done and (only is None or i in only)]
     with open_jsonl_append(partial_path) as out:
         def on_batch(replies):
             done.update(replies)
             append_jsonl(out, [{"id": i, "prediction": text} for i, text in replies])
             bar.update(len(replies))
-        return generate_replies(model, tok, stop_ids, prompts, mine, batch_size, max_new_tokens, on_batch)
+        return generate_replies(model, tok, stop_ids, prompts, todo, batch_size, max_new_tokens, on_batch)
 
 
 def generate_task_api(client, model_name, prompts, done, partial_path, todo, concurrency, max_new_tokens, bar):
@@ -1011,18 +1026,18 @@ def cmd_generate(args):
         resumed = len(done)
         # this rank's share: the remaining items dealt out longest first, so every rank gets a similar load
         remaining = sorted((i for i in range(len(items)) if i not in done), key=lambda i: (-len(prompts[i]), i))
-        mine = remaining[rank::world]
+        rank_share = remaining[rank::world]
         barrier()  # all ranks have read the progress files before any appends to them
-        mine_path = partial_path(partial_dir, task, rank)
+        rank_path = partial_path(partial_dir, task, rank)
         truncated = 0
         with tqdm(total=len(items), initial=resumed, desc=f"{args.setting} {task}", unit="item",
                   disable=args.quiet or not master) as bar:
             if api:
-                generate_task_api(client, args.model, prompts, done, mine_path, mine, args.concurrency,
+                generate_task_api(client, args.model, prompts, done, rank_path, rank_share, args.concurrency,
                                   args.max_new_tokens, bar)
             else:
-                truncated = generate_task(model, tok, stop_ids, prompts, done, mine_path, args.batch_size,
-                                          args.max_new_tokens, bar, only=set(mine))
+                truncated = generate_task(model, tok, stop_ids, prompts, done, rank_path, args.batch_size,
+                                          args.max_new_tokens, bar, only=set(rank_share))
         barrier()
         truncated = total(truncated)
         if master:
@@ -1055,12 +1070,15 @@ def cmd_generate(args):
 
 
 def cmd_run(args):
+    """generate into --out (the prediction folder), then score that folder into --results."""
     rc = cmd_generate(args)
     if rc or int(os.environ.get("RANK", 0)) != 0:  # under torchrun, rank 0 scores
         return rc
-    args.predictions, args.models = args.out, None
-    args.out = args.results or os.path.join("results", os.path.basename(os.path.normpath(args.predictions)))
-    return cmd_score(args)
+    predictions = args.out
+    results = args.results or os.path.join("results", os.path.basename(os.path.normpath(predictions)))
+    # cmd_score reads its own flags: --predictions is what was just generated, --out its results
+    score_args = argparse.Namespace(**{**vars(args), "predictions": predictions, "models": None, "out": results})
+    return cmd_score(score_args)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1178,7 +1196,7 @@ def judge_questions(args):
         fail(f"no model to compare with {ref} in {args.predictions}")
     questions = []
     for task in parse_tasks(args.tasks) or ["3-8"]:
-        def read(folder, who):
+        def read(folder, who, task=task):
             path = os.path.join(folder, f"{task}.json")
             try:
                 items, _, _ = load_prediction_file(path)
@@ -1194,12 +1212,12 @@ def judge_questions(args):
                 if k not in items:
                     fail(f"{m}/{task}.json has no item {k}, which {ref} answers")
                 # published predictions record the prompt inside their chat template: one contains the other
-                mine, theirs = items[k]["prompt"].strip(), ref_items[k]["prompt"].strip()
-                if mine and theirs and mine not in theirs and theirs not in mine:
+                model_prompt, ref_prompt = items[k]["prompt"].strip(), ref_items[k]["prompt"].strip()
+                if model_prompt and ref_prompt and model_prompt not in ref_prompt and ref_prompt not in model_prompt:
                     fail(f"{m}/{task}.json item {k} asks another question than {ref}'s: "
                                      "the two were generated from different LawBench data")
-                if mine and (not plain.get(k) or len(mine) < len(plain[k])):
-                    plain[k] = mine
+                if model_prompt and (not plain.get(k) or len(model_prompt) < len(plain[k])):
+                    plain[k] = model_prompt
                 answers.setdefault(m, {})[f"{task}/{k}"] = items[k]["prediction"]
         for k in ids:  # the question as asked, without any model's chat template around it
             questions.append({"id": f"{task}/{k}", "task": task, "question": plain.get(k) or ref_items[k]["prompt"]})
@@ -1223,10 +1241,10 @@ def plot_winrates(result, f):
                                    ("unparseable", "white", "//")):
         share = [result["models"][m][outcome] / max(1, result["models"][m]["n"]) for m in names]
         ax.bar(names, share, bottom=bottom, color=colour, hatch=hatch, edgecolor="black", linewidth=0.5, label=outcome)
-        bottom = [b + s for b, s in zip(bottom, share)]
+        bottom = [b + s for b, s in zip(bottom, share, strict=True)]
     rates = [result["models"][m]["win_rate"] for m in names]
-    lo = [r - result["models"][m]["win_rate_ci95"][0] for r, m in zip(rates, names)]
-    hi = [result["models"][m]["win_rate_ci95"][1] - r for r, m in zip(rates, names)]
+    lo = [r - result["models"][m]["win_rate_ci95"][0] for r, m in zip(rates, names, strict=True)]
+    hi = [result["models"][m]["win_rate_ci95"][1] - r for r, m in zip(rates, names, strict=True)]
     ax.errorbar(names, rates, yerr=[lo, hi], fmt="o", color="black", capsize=4, label="win rate, 95% CI")
     ax.set_ylim(0, 1)
     ax.set_ylabel(f"share of questions (against {result['reference']})")
@@ -1255,8 +1273,8 @@ def cmd_judge(args):
     jobs = []
     for m in models:
         for q in questions:
-            mine, theirs = answers[m][q["id"]], answers[ref][q["id"]]
-            for order, (a, b) in (("model_first", (mine, theirs)), ("reference_first", (theirs, mine))):
+            answer, reference = answers[m][q["id"]], answers[ref][q["id"]]
+            for order, (a, b) in (("model_first", (answer, reference)), ("reference_first", (reference, answer))):
                 jobs.append({"model": m, "id": q["id"], "task": q["task"], "order": order,
                              "key": judge_key(judge, q["question"], a, b),
                              "prompt": PAIRWISE_RUBRIC.format(question=q["question"], answer_a=a, answer_b=b)})

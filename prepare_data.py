@@ -60,10 +60,26 @@ from collections import Counter, defaultdict
 
 import numpy as np
 
-from common import (api_client, append_jsonl, chat_replies, check_served, end_of_turn, fail, fill_efficiency, generate_replies,
-                    load_generator, log, model_fingerprint, open_jsonl_append, pack_best_fit, read_jsonl_map,
-                    setup_ranks, special_tokens, staged_folder, trained_positions)
-
+from common import (
+    api_client,
+    append_jsonl,
+    chat_replies,
+    check_served,
+    end_of_turn,
+    fail,
+    fill_efficiency,
+    generate_replies,
+    load_generator,
+    log,
+    model_fingerprint,
+    open_jsonl_append,
+    pack_best_fit,
+    read_jsonl_map,
+    setup_ranks,
+    special_tokens,
+    staged_folder,
+    trained_positions,
+)
 
 # ----------------------------------------------------------------------------------------------
 # Names of every way a record can leave the pipeline, in the order the checks run.
@@ -596,7 +612,7 @@ def benchmark_hits(norms, hashes, n):
     idx = np.searchsorted(hashes, h).clip(max=len(hashes) - 1)
     found = hashes[idx] == h
     keys = sorted_unique(owner[found].astype(np.int64) * len(hashes) + idx[found])  # distinct (text, n-gram)
-    for o, g in zip((keys // len(hashes)).tolist(), (keys % len(hashes)).tolist()):
+    for o, g in zip((keys // len(hashes)).tolist(), (keys % len(hashes)).tolist(), strict=True):
         hits[o].append(g)
     return hits
 
@@ -798,7 +814,7 @@ def covered_chars(starts, n, length):
 def runs(mask):
     """(start, end) of the runs of True in a boolean array."""
     edges = np.flatnonzero(np.diff(np.concatenate([[0], mask.astype(np.int8), [0]])))
-    return list(zip(edges[::2].tolist(), edges[1::2].tolist()))
+    return list(zip(edges[::2].tolist(), edges[1::2].tolist(), strict=False))
 
 
 def question_match(bench, q, shared, phrasing):
@@ -957,7 +973,7 @@ def featurize(batch, tok, eot, specials, cfg, bench_hashes):
     norms = [normalise(j) for j in joined]
     hits = (benchmark_hits(norms, bench_hashes, cfg["decontam_ngram"]) if bench_hashes is not None
             else [[] for _ in convs])
-    for b, (msgs, text) in enumerate(zip(convs, texts)):
+    for b, (msgs, text) in enumerate(zip(convs, texts, strict=True)):
         ids = enc["input_ids"][b]
         starts = [s for s, _ in enc["offset_mapping"][b]]
         labels = [-100] * len(ids)
@@ -1077,22 +1093,22 @@ def judge_records(pairs, model_path, cache_path, cfg, api=None):
     todo = sorted({k: i for i, k in enumerate(keys) if k not in cache}.values())
     prompts = {i: JUDGE_RUBRIC.format(prompt=pairs[i][0], response=pairs[i][1]) for i in todo}
     rank, world, device, barrier, total = setup_ranks(api=bool(api))
-    mine = todo[rank::world]
-    mine_path = (cache_path if rank == 0 else f"{cache_path}.rank{rank}") if cache_path else os.devnull
-    with open_jsonl_append(mine_path) as cf, \
+    rank_share = todo[rank::world]
+    rank_path = (cache_path if rank == 0 else f"{cache_path}.rank{rank}") if cache_path else os.devnull
+    with open_jsonl_append(rank_path) as cf, \
             tqdm(total=len(todo), desc="judge", unit="pair", disable=None if rank == 0 else True) as bar:
         def keep(replies):
             rows = [{"key": keys[i], "output": out} for i, out in replies]
             cache.update((r["key"], r["output"]) for r in rows)
             append_jsonl(cf, rows)
             bar.update(len(replies) * world)
-        if mine and api:
+        if rank_share and api:
             client, name, concurrency = api
-            chat_replies(client, name, prompts, mine, cfg["judge_max_new_tokens"], concurrency,
+            chat_replies(client, name, prompts, rank_share, cfg["judge_max_new_tokens"], concurrency,
                          lambda i, out: keep([(i, out)]))
-        elif mine:
+        elif rank_share:
             model, tok, stop_ids = load_generator(model_path, cfg["trust_remote_code"], device)
-            generate_replies(model, tok, stop_ids, prompts, mine, cfg["judge_batch_size"],
+            generate_replies(model, tok, stop_ids, prompts, rank_share, cfg["judge_batch_size"],
                              cfg["judge_max_new_tokens"], keep)
     barrier()  # every rank's grades are on disk
     for f in judge_cache_files(cache_path) if world > 1 else []:
@@ -1324,10 +1340,20 @@ def settings(args, recipe):
     if cfg["general_ratio"] is not None and not (cfg["general_ratio"] == -1 or 0 <= cfg["general_ratio"] < 1):
         fail("--general-ratio must be in [0, 1), or -1")
     if args.refusal_phrases:
-        cfg["refusal_phrases"] = [l.strip().lower() for l in read_text(args.refusal_phrases).splitlines() if l.strip()]
+        cfg["refusal_phrases"] = [line.strip().lower() for line in read_text(args.refusal_phrases).splitlines() if line.strip()]
     else:
         cfg["refusal_phrases"] = [p.lower() for p in REFUSAL_PHRASES]
     return cfg
+
+
+READING, CHECKS = 0, 1  # when a record is dropped: while reading its source, or by a later check
+
+
+def audit_key(record, when, then):
+    """The order of dropped.jsonl's lines: by record (a line dropped while reading stands before
+    the next parsed record, number `record`), then READING before CHECKS, then `then` (the order
+    of reading among READING lines; 0 for the per-record rules, the stage number for a stage's)."""
+    return (record, when, then)
 
 
 def drop_record(st, audit, reason, rid, where, key, **detail):
@@ -1348,7 +1374,7 @@ def read_sources(sources, seed, encoding, audit):
     recs = {"messages": [], "language": [], "src": [], "id": [], "where": []}
 
     def keep(si, s, msgs, rid, where):
-        for col, v in zip(("messages", "language", "src", "id", "where"), (msgs, s["language"], si, rid, where)):
+        for col, v in zip(("messages", "language", "src", "id", "where"), (msgs, s["language"], si, rid, where), strict=True):
             recs[col].append(v)
 
     stats = {s["name"]: {"category": s["category"], "format": s["format"], "read": 0,
@@ -1367,7 +1393,7 @@ def read_sources(sources, seed, encoding, audit):
         streams = ([(f, read_json_file(f, enc)) for f in local_files(s["path"])] if "path" in s
                    else [(s["dataset"], read_hub_dataset(s))])
         formats = set()
-        for fname, stream in streams:
+        for _fname, stream in streams:
             fmt = None if s["format"] == "auto" else s["format"]
             for where, obj in tqdm(stream, desc=f"read {s['name']}", unit="rec", mininterval=1.0,
                                    disable=None, leave=False):
@@ -1375,7 +1401,7 @@ def read_sources(sources, seed, encoding, audit):
                 rid = obj.get("id") if obj is not None else None
                 rid = f"{s['name']}:{rid}" if isinstance(rid, (str, int)) and str(rid) else f"{s['name']}:{where}"
                 # dropped at reading: ordered after the parsed records (their key), in reading order
-                key = (len(recs["id"]), 0, len(audit))
+                key = audit_key(len(recs["id"]), READING, len(audit))
                 if obj is None:
                     drop_record(st, audit, "unparseable", rid, where, key)
                     continue
@@ -1426,7 +1452,7 @@ def run_judge(args, cfg, sources, recs, kept_by_source):
         judge = f"{args.judge_api_base.rstrip('/')}|{args.judge_api_model}"
         api = (args.judge_api_client, args.judge_api_model, args.judge_concurrency)
     scores, _, generated = judge_records(pairs, judge, cache, cfg, api)
-    return dict(zip(cands, scores)), {"model": judge, "candidates": len(cands), "generated": generated,
+    return dict(zip(cands, scores, strict=True)), {"model": judge, "candidates": len(cands), "generated": generated,
                                       "cached": len(cands) - generated, "threshold": args.judge_threshold,
                                       "score_counts": dict(sorted(Counter(str(s) for s in scores).items()))}
 
@@ -1445,10 +1471,10 @@ def build_stage(stage, sources, stats, kept_by_source, judge, recs, lengths, lab
     for si in in_stage:
         s = sources[si]
         rng = random.Random(f"{seed}:stage{stage}:{s['name']}")
-        mine = kept_by_source[si]
+        kept = kept_by_source[si]
         if stage == 2 and not s["high_quality"]:
             ok = []
-            for i in mine:
+            for i in kept:
                 r = ("not_high_quality" if i not in judge else "judge_unparseable" if judge[i] is None
                      else "judge_low_score" if judge[i] < judge_threshold else None)
                 if r is None:
@@ -1456,10 +1482,10 @@ def build_stage(stage, sources, stats, kept_by_source, judge, recs, lengths, lab
                     continue
                 sst["dropped"][r] += 1
                 extra = {"judge_score": judge[i]} if r == "judge_low_score" else {}
-                audit.append(((i, 1, stage), {"source": s["name"], "id": recs["id"][i], "where": recs["where"][i],
+                audit.append((audit_key(i, CHECKS, stage), {"source": s["name"], "id": recs["id"][i], "where": recs["where"][i],
                                               "reason": r, "stage": stage, **extra}))
-            mine = ok
-        c = weighted_copies(mine, s["weight"], rng)
+            kept = ok
+        c = weighted_copies(kept, s["weight"], rng)
         (general_copies if s["category"] == "general" else copies).update(c)
     ratio = cfg["general_ratio"]
     if stage == 1 and general_copies and ratio is not None and ratio != -1:
@@ -1469,7 +1495,7 @@ def build_stage(stage, sources, stats, kept_by_source, judge, recs, lengths, lab
     copies.update(general_copies)
     for i in sorted(i for i, v in copies.items() if v == 0):
         sst["dropped"]["downsampled"] += 1
-        audit.append(((i, 1, stage), {"source": sources[src[i]]["name"], "id": recs["id"][i], "where": recs["where"][i],
+        audit.append((audit_key(i, CHECKS, stage), {"source": sources[src[i]]["name"], "id": recs["id"][i], "where": recs["where"][i],
                                       "reason": "downsampled", "stage": stage}))
     rows = [i for i in sorted(copies) for _ in range(copies[i])]
     random.Random(f"{seed}:shuffle{stage}").shuffle(rows)
@@ -1630,7 +1656,7 @@ def main(argv=None):
     kept_by_source = defaultdict(list)  # source index -> indices of the records that passed
     for i, r in enumerate(reasons):
         if r:
-            drop_record(stats[sources[src[i]]["name"]], audit, r, ids[i], wheres[i], (i, 1, 0), **detail.get(i, {}))
+            drop_record(stats[sources[src[i]]["name"]], audit, r, ids[i], wheres[i], audit_key(i, CHECKS, 0), **detail.get(i, {}))
         else:
             kept_by_source[src[i]].append(i)
 
@@ -1645,9 +1671,9 @@ def main(argv=None):
             args.judge_threshold, args.pack_len)
     for si, s in enumerate(sources):
         st = stats[s["name"]]
-        mine = kept_by_source[si]
-        st["kept"] = len(mine)
-        st["tokens"] = int(sum(lengths[i] for i in mine))
+        kept = kept_by_source[si]
+        st["kept"] = len(kept)
+        st["tokens"] = int(sum(lengths[i] for i in kept))
         if st["read"] != st["kept"] + sum(st["dropped"].values()):
             raise RuntimeError(f"source {s['name']}: read != kept + dropped; this is a bug")
         st["dropped"] = in_reason_order(st["dropped"])

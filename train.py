@@ -56,8 +56,17 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from common import (atomic_write, fail, fill_efficiency, lock_folder, log, pack_best_fit, read_jsonl, staged_folder,
-                    write_json)
+from common import (
+    atomic_write,
+    fail,
+    fill_efficiency,
+    lock_folder,
+    log,
+    pack_best_fit,
+    read_jsonl,
+    staged_folder,
+    write_json,
+)
 
 # DeepSpeed 0.19 still calls two collectives that torch 2.13 deprecated, and torch's warning repeats
 # at every call (~9,000 identical lines in one demo). Exactly those two are silenced: FutureWarning,
@@ -119,7 +128,7 @@ def collate_pack(samples, max_len):
         "labels": torch.tensor([labels]),
         "position_ids": torch.tensor([pos]),
         "cu_seqlens": torch.tensor(cu, dtype=torch.int32),
-        "max_seqlen": max(b - a for a, b in zip(cu, cu[1:])),
+        "max_seqlen": max(b - a for a, b in zip(cu, cu[1:], strict=False)),
     }
 
 
@@ -242,7 +251,7 @@ def per_sample_sdpa(q, k, v, cu_seqlens, max_seqlen, scale, window=None):
     sliding window: each token sees itself and the window-1 tokens before it); returns [T, Hq, D].
     Any kernel swapped in here must compute exactly this."""
     outs = []
-    for a, b in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist()):
+    for a, b in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist(), strict=True):
         qs, ks, vs = (x[a:b].transpose(0, 1) for x in (q, k, v))
         mask = None
         if window is not None and b - a > window:
@@ -824,11 +833,11 @@ def file_digests(root, names):
 def shared_digests(root, names, rank, world):
     """file_digests with the files dealt out over the ranks (each hashes 1/world of them),
     gathered on every rank."""
-    mine = file_digests(root, names[rank::world])
+    rank_digests = file_digests(root, names[rank::world])
     if not dist.is_initialized() or world == 1:
-        return mine
+        return rank_digests
     parts = [None] * world
-    dist.all_gather_object(parts, mine)
+    dist.all_gather_object(parts, rank_digests)
     return {k: v for part in parts for k, v in part.items()}
 
 
@@ -991,6 +1000,7 @@ def to_universal(path, run_dir, rank):
     out = os.path.join(run_dir, "universal", os.path.basename(path))
     if rank == 0:
         from types import SimpleNamespace
+
         from deepspeed.checkpoint import ds_to_universal
         shutil.rmtree(os.path.dirname(out), ignore_errors=True)
         os.makedirs(os.path.dirname(out))
@@ -1018,7 +1028,7 @@ def load_checkpoint(path, engine, model, opt, sched, rank, universal=None):
             # of group 0 (our norms and biases would get the matrices' weight decay) and one shared
             # `step` tensor, which AdamW then increments once per group, skewing its bias
             # correction (ZeRO-3 losses drifted by 1e-3 within 3 steps). Put both right.
-            for group, own in zip(inner.param_groups, hparams):
+            for group, own in zip(inner.param_groups, hparams, strict=True):
                 group.update(own)
             for state in inner.state.values():
                 if isinstance(state.get("step"), torch.Tensor):
@@ -1109,7 +1119,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def forward_backward(runner, batches, is_filler, step_tokens, world, device, autocast=contextlib.nullcontext()):
+def forward_backward(runner, batches, is_filler, step_tokens, world, device, autocast=None):
     """Forward and backward of this rank's micro-batches of one optimizer step; returns their
     summed token loss. Each micro-batch's loss sum (packed_loss_sum) is scaled by world /
     step_tokens, step_tokens being the trained tokens of the whole step on all ranks: the
@@ -1117,10 +1127,11 @@ def forward_backward(runner, batches, is_filler, step_tokens, world, device, aut
     once DDP or DeepSpeed has averaged it over `world` ranks. is_filler[k] marks a filler
     micro-batch (weight 0, see step_plan) that only keeps the ranks in step. With DeepSpeed the
     caller makes the final engine.step() (the boundary)."""
+    autocast = autocast or contextlib.nullcontext()
     ddp = isinstance(runner, torch.nn.parallel.DistributedDataParallel)
     deepspeed_engine = hasattr(runner, "is_gradient_accumulation_boundary")
     loss_sum = 0.0
-    for k, (b, filler) in enumerate(zip(batches, is_filler)):
+    for k, (b, filler) in enumerate(zip(batches, is_filler, strict=True)):
         b = {key: v.to(device) if torch.is_tensor(v) else v for key, v in b.items()}
         last = k == len(batches) - 1
         # DDP all-reduces gradients only in the backward of the step's last micro-batch
@@ -1376,6 +1387,7 @@ def init_from_config(cfg_path, tokenizer, seed, dst):
     only on (config, vocabulary, seed): DeepSpeed ZeRO-3 would otherwise initialise them
     partitioned, with other random numbers than ZeRO-0/1/2 and than another world size."""
     import hashlib
+
     from transformers import AutoModelForCausalLM
     key = {"config_sha256": hashlib.sha256(open(cfg_path, "rb").read()).hexdigest(), "vocab": len(tokenizer),
            "seed": seed, "torch": torch.__version__}
@@ -1524,10 +1536,10 @@ def apply_hyperparameters(opt, sched, args):
     and schedule, which the checkpoint restored with the old ones; the lr of the next step follows
     the (possibly new) schedule at the resumed step, as if the run had had these settings all along."""
     decay = [args.weight_decay, 0.0]  # adamw's two groups: matrices, then norms and biases
-    for group, wd in zip(opt.param_groups, decay):
+    for group, wd in zip(opt.param_groups, decay, strict=True):
         group.update(betas=tuple(args.betas), weight_decay=wd, initial_lr=args.lr)
     sched.base_lrs = [args.lr] * len(opt.param_groups)
-    for group, factor in zip(opt.param_groups, sched.lr_lambdas):
+    for group, factor in zip(opt.param_groups, sched.lr_lambdas, strict=True):
         group["lr"] = args.lr * factor(sched.last_epoch)
     sched._last_lr = [group["lr"] for group in opt.param_groups]
 
@@ -1785,7 +1797,7 @@ def main(argv=None):
             t0 = time.time()
             # this rank's packs, collated; the loss is the mean over the step's trained tokens on all ranks
             batches, is_filler = rank_micro_batches(ds, idx, packs, step_packs, rank, args.max_len)
-            step_tokens = all_sum(sum(trained_tokens(b["labels"]) for b, f in zip(batches, is_filler) if not f), device)
+            step_tokens = all_sum(sum(trained_tokens(b["labels"]) for b, f in zip(batches, is_filler, strict=True) if not f), device)
             lr = sched.get_last_lr()[0]
             # forward and backward of every micro-batch
             loss_sum = forward_backward(runner, batches, is_filler, step_tokens, world, device, autocast)
@@ -1800,7 +1812,7 @@ def main(argv=None):
             done += len(trained)
             # metrics and logs
             dt = time.time() - t0
-            seqlens = [int(x) for b, f in zip(batches, is_filler) if not f for x in b["cu_seqlens"].diff()]
+            seqlens = [int(x) for b, f in zip(batches, is_filler, strict=True) if not f for x in b["cu_seqlens"].diff()]
             tokens = all_sum(sum(seqlens), device)
             flops = all_sum(step_flops(model.config, n_matmul, seqlens), device)
             mem = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"

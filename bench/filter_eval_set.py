@@ -66,7 +66,7 @@ def load_articles():
         rows = con.execute("SELECT law_name, status, chapter, section, article_no, article_text, law_department "
                            "FROM articles ORDER BY id").fetchall()
     keys = ("law", "status", "chapter", "section", "no", "text", "dept")
-    return [dict(zip(keys, r)) for r in rows if r[5] and r[5].strip()]
+    return [dict(zip(keys, r, strict=False)) for r in rows if r[5] and r[5].strip()]
 
 
 # ---- 30-character overlap with LawBench -----------------------------------------------------
@@ -414,7 +414,7 @@ def chapter_topic(a):
 
 
 # ---- contaminated records -------------------------------------------------------------------
-SWAP = {**dict(zip("，：；？！（）", ",:;?!()")), **dict(zip(",:;?!()", "，：；？！（）"))}
+SWAP = {**dict(zip("，：；？！（）", ",:;?!()", strict=True)), **dict(zip(",:;?!()", "，：；？！（）", strict=True))}
 PARAPHRASE = {"1-1": "请直接写出下面问到的法律条文原文。", "1-2": "这是一道法考单选题，请选出正确选项。", "2-1": "下面这句法律文书中的句子有错别字或语病，请改正后输出。",
               "2-2": "请判断下面这段文字涉及哪一类争议焦点。", "2-3": "请给下面的婚姻纠纷句子打上合适的标签。", "2-4": "请判断下面这条法律咨询属于哪个类别。",
               "2-5": "请阅读下面的段落，简要回答其中的问题。", "2-6": "请从下面的句子中找出犯罪嫌疑人、受害人、被盗物品等实体。", "2-7": "请用一句话概括下面这篇新闻。",
@@ -436,7 +436,7 @@ def parse_options(q):
     marks = list(re.finditer(r"(?<![A-Za-z])([A-E])([:：])", q))
     if "".join(m.group(1) for m in marks) not in ("ABCD", "ABCDE"):
         return None
-    bodies = [q[m.end():n.start()] for m, n in zip(marks, marks[1:])] + [q[marks[-1].end():]]
+    bodies = [q[m.end():n.start()] for m, n in zip(marks, marks[1:], strict=False)] + [q[marks[-1].end():]]
     sep = re.search(r"[;；]\s*$", bodies[0])
     return q[:marks[0].start()], [re.sub(r"[;；]\s*$", "", b) for b in bodies], sep.group(0) if sep else "", marks[0].group(2)
 
@@ -595,9 +595,9 @@ def pools(arts, avoid, answers):
     """Articles clean records may quote: none shares GRAM normalised characters with a LawBench
     question or instruction. Each article is marked when it shares some with a LawBench answer."""
     texts = [a["text"] for a in arts]
-    for a, hit in zip(arts, overlaps(texts, answers)):
+    for a, hit in zip(arts, overlaps(texts, answers), strict=True):
         a["answer_overlap"] = bool(hit)
-    ok = [a for a, bad in zip(arts, overlaps(texts, avoid)) if not bad]
+    ok = [a for a, bad in zip(arts, overlaps(texts, avoid), strict=True) if not bad]
     quote = [a for a in ok if 10 <= len(a["text"]) <= 600]
     # topic questions need a specific chapter and an article worth asking about (no amendment acts, no 本法自...施行)
     plain = [a for a in quote if len(a["text"]) >= 30 and chapter_topic(a) and not re.search(r"修正案|决定", a["law"])

@@ -59,6 +59,7 @@ def check_isolation(smoke):
     the whole model in bf16 only to a tolerance (its matmuls see other row counts)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
+
     import train
     gpu = torch.cuda.is_available() and not smoke
     device = torch.device("cuda" if gpu else "cpu")
@@ -141,9 +142,9 @@ def make_model_and_data(folder, smoke, max_len):
     import numpy as np
     import torch
     from datasets import Dataset
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-    from tokenizers import Tokenizer, models
     from packing import lawbench_lengths
+    from tokenizers import Tokenizer, models
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
     shape = SHAPE_TINY if smoke else SHAPE_18B
     torch.manual_seed(0)
     cfg = LlamaConfig(max_position_embeddings=32768, rope_theta=1e6, tie_word_embeddings=False,

@@ -30,8 +30,9 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "bench")]
-import train  # noqa: E402
 from packing import lawbench_lengths  # noqa: E402
+
+import train  # noqa: E402
 
 SHAPES = {  # Llama layout of the InternLM2 configs (what train.py converts them to)
     "internlm2-7b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,

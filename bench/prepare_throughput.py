@@ -177,7 +177,7 @@ def main():
     def tokenize(batch):
         texts = tk.apply_chat_template(batch, tokenize=False)
         enc = tk(texts, add_special_tokens=False, return_offsets_mapping=True)
-        return [P.assistant_spans(t, m, eot) for t, m in zip(texts, batch)], enc
+        return [P.assistant_spans(t, m, eot) for t, m in zip(texts, batch, strict=True)], enc
 
     def decontam(nb):
         return P.benchmark_hits(nb, bench["hashes"], bench["n"])
@@ -226,7 +226,7 @@ def main():
     print(f"MinHash: datasketch's default (SHA-1 per shingle, update() per shingle) {t_slow:.2f} s, ours "
           f"(vectorised shingle hashes, MinHash.bulk) {t_fast:.2f} s, ratio {t_slow / t_fast:.1f}x; "
           f"largest Jaccard-estimate difference between the two on {len(est_fast)} pairs: "
-          f"{max(abs(a - b) for a, b in zip(est_slow, est_fast)):.3f}")
+          f"{max(abs(a - b) for a, b in zip(est_slow, est_fast, strict=True)):.3f}")
 
     # the plain index: every LawBench 13-gram as a string (same boilerplate/statute exclusions)
     t0 = time.perf_counter()

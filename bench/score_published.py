@@ -87,8 +87,8 @@ def full_run(preds, num_proc):
 
 
 def rouge_vs_rouge_chinese(gpt4):
-    from rouge_chinese import Rouge
     import jieba
+    from rouge_chinese import Rouge
     ours_t = base_t = 0.0
     E.jieba_words("预热一下"), list(jieba.cut("预热一下"))  # dictionaries loaded outside the timing
     for task in ("1-1", "2-7", "3-2", "3-8"):
@@ -136,7 +136,7 @@ def per_item_rouge(predictions, references):
     from rouge_chinese import Rouge
     rouge = Rouge()
     scores, errors = [], []
-    for i, (pred, ref) in enumerate(zip(predictions, references)):
+    for i, (pred, ref) in enumerate(zip(predictions, references, strict=True)):
         hyp = " ".join(jieba.cut(pred))
         try:
             scores.append(rouge.get_scores(hyp if hyp.strip() else "无内容", " ".join(jieba.cut(ref)))[0]["rouge-l"]["f"])
@@ -152,6 +152,7 @@ _PLAIN_CN2AN = {}
 def plain_cn2an(text):
     """cn2an on every text (cached like ours), without skipping texts that have no numeral."""
     import warnings
+
     import cn2an
     if text not in _PLAIN_CN2AN:
         with warnings.catch_warnings():

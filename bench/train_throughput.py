@@ -72,6 +72,7 @@ def run_ours(data, tokenizer_dir, max_len, gpu):
     import numpy as np
     import torch
     from datasets import load_from_disk
+
     import train
     ds = load_from_disk(data)
     model, _ = build_model(tokenizer_dir, gpu)
@@ -167,7 +168,7 @@ def run_trl(data, tokenizer_dir, max_len, gpu):
             packed = model(**{k: v for k, v in first.items() if k in ("input_ids", "position_ids", "labels")}).loss.item()
             starts = (first["position_ids"][0] == 0).nonzero().flatten().tolist() + [first["input_ids"].shape[1]]
             total = n = 0
-            for a_, b_ in zip(starts, starts[1:]):
+            for a_, b_ in zip(starts, starts[1:], strict=False):
                 ids, lab = first["input_ids"][:, a_:b_], first["labels"][:, a_:b_]
                 logits = model(input_ids=ids).logits[0, :-1]
                 total += F.cross_entropy(logits.float(), lab[0, 1:], ignore_index=-100, reduction="sum").item()

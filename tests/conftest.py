@@ -98,7 +98,7 @@ def grads(model):
 def assert_same_grads(a, b, atol=ATOL, rtol=RTOL):
     assert a.keys() == b.keys()
     for n in a:
-        torch.testing.assert_close(a[n], b[n], atol=atol, rtol=rtol, msg=lambda m: f"{n}: {m}")
+        torch.testing.assert_close(a[n], b[n], atol=atol, rtol=rtol, msg=lambda m, n=n: f"{n}: {m}")
 
 
 INTERNLM2 = dict(vocab_size=120, hidden_size=48, intermediate_size=80, num_hidden_layers=2,

@@ -2,7 +2,6 @@
 rules, and the behaviours of the official annotator the published scores depend on."""
 import random
 
-
 import cherrant as C
 import evaluate as E
 
@@ -106,7 +105,7 @@ def literal_substitution_cost(a, b):
     """ChERRANT's char-level substitution cost of a -> b, from its definition, token by token."""
     r = C.cherrant_resources()
     code_a, code_b = r["semantic"].get(a), r["semantic"].get(b)
-    semantic = 2 * (3 - sum(x == y for x, y in zip(code_a, code_b))) if code_a and code_b else 4
+    semantic = 2 * (3 - sum(x == y for x, y in zip(code_a, code_b, strict=True))) if code_a and code_b else 4
     chinese = all("\u4e00" <= ch <= "\u9fff" for ch in a + b)
     similar = (C._pinyins(a) & C._pinyins(b) or b in r["confusion"].get(a, ()) or a in r["confusion"].get(b, ()))
     spelling = 0.0 if chinese and similar else 0.5
@@ -233,7 +232,7 @@ def test_pairs_aligned_together_equal_the_literal_programme(monkeypatch):
     pairs = list(random_pairs(400, seed=11))
     for limit in (C.ALIGN_VOCABULARY, 12):
         monkeypatch.setattr(C, "ALIGN_VOCABULARY", limit)
-        for (src, tgt), (ops, ktrans, iters) in zip(pairs, C.cherrant_align_many(pairs)):
+        for (src, tgt), (ops, ktrans, iters) in zip(pairs, C.cherrant_align_many(pairs), strict=True):
             assert ops.shape == (len(src) + 1, len(tgt) + 1)
             scans = {}
             assert decode(ops, ktrans) == literal_alignment(src, tgt, scans), (src, tgt)

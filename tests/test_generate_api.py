@@ -14,7 +14,18 @@ import time
 import pytest
 
 import evaluate
-from conftest import StandIn, constant_model, free_port, rand_records, run_prepare, save_tiny_llama, serving, src, stand_in, write_jsonl
+from conftest import (
+    StandIn,
+    constant_model,
+    free_port,
+    rand_records,
+    run_prepare,
+    save_tiny_llama,
+    serving,
+    src,
+    stand_in,
+    write_jsonl,
+)
 
 pytestmark = pytest.mark.slow
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -103,8 +103,8 @@ def test_trigger_words_compare_position_by_position():
 
 
 def test_rouge_l_matches_rouge_chinese_and_scores_empty_answers_as_placeholder():
-    from rouge_chinese import Rouge
     import jieba
+    from rouge_chinese import Rouge
     preds = ["根据刑法第二百六十四条，盗窃公私财物数额较大的，处三年以下有期徒刑。", "", "好的！我来回答。这是违法的？是的。"]
     refs = ["盗窃公私财物，数额较大的，处三年以下有期徒刑、拘役或者管制。", "应当承担责任。", "这是违法行为。"]
     ours, errors = E.rouge_l(preds, refs)
@@ -121,6 +121,7 @@ def test_fast_segmentation_is_jiebas_word_for_word(shared, statute_rows):
     # the cases where a faster segmenter could differ: ASCII runs with - . + # & _ %, whitespace,
     # characters outside jieba's blocks, and repeated characters whose segmentations tie.
     import os
+
     import jieba
     texts = []
     for model in ("GPT4", "chatglm2-6b-hf"):

@@ -12,7 +12,16 @@ import numpy as np
 import pytest
 
 import prepare_data as pdata
-from conftest import check_accounting, constant_model, rand_records, rand_text, run_prepare, src, write_json, write_jsonl
+from conftest import (
+    check_accounting,
+    constant_model,
+    rand_records,
+    rand_text,
+    run_prepare,
+    src,
+    write_json,
+    write_jsonl,
+)
 
 # ---------------------------------------------------------------------------------------------
 # Formats
@@ -63,7 +72,7 @@ def test_malformed_records_get_a_named_reason(fmt, record, reason):
 
 def test_every_format_reads_from_json_arrays_jsonl_and_load_dataset(tmp_path, bpe_tokenizer):
     sources = []
-    for i, (fmt, record, expected) in enumerate(FORMAT_CASES):
+    for i, (_fmt, record, _expected) in enumerate(FORMAT_CASES):
         # vary the text so the records are not duplicates of each other
         rec = json.loads(json.dumps(record, ensure_ascii=False).replace("押金", f"押金{i}号").replace("罪名", f"罪名{i}"))
         path = (write_json(tmp_path / f"f{i}.json", [rec]) if i % 2 else write_jsonl(tmp_path / f"f{i}.jsonl", [rec]))
@@ -299,7 +308,7 @@ def test_ngram_hashes_group_exactly_like_the_substrings():
         h = pdata.ngram_hashes(text, n)
         grams = [text[i:i + n] for i in range(len(text) - n + 1)]
         assert len(h) == len(grams)
-        assert len(set(zip(grams, h.tolist()))) == len(set(grams)) == len(set(h.tolist()))
+        assert len(set(zip(grams, h.tolist(), strict=True))) == len(set(grams)) == len(set(h.tolist()))
     assert len(pdata.ngram_hashes("短", 13)) == 0
 
 
@@ -443,9 +452,9 @@ def test_general_data_in_stage2_is_refused(tmp_path, bpe_tokenizer):
 
 def labelled_runs(row):
     runs, cur = [], []
-    for t, l in zip(row["input_ids"], row["labels"]):
-        if l != -100:
-            assert l == t
+    for t, lab in zip(row["input_ids"], row["labels"], strict=True):
+        if lab != -100:
+            assert lab == t
             cur.append(t)
         elif cur:
             runs.append(cur)
@@ -638,8 +647,9 @@ def test_demo_recipe_drops_exactly_the_planted_bad_records(demo_prepared):
     assert {"general_alpaca", "general_chat", "crimekg"}.isdisjoint(rep["stages"]["stage2"]["rows_per_source"])
     assert rep["stages"]["stage2"]["dropped"]["not_high_quality"] == rep["sources"]["lawgpt"]["kept"]
     # the report's packs are the ones train.py makes from the written dataset
-    import train
     from datasets import load_from_disk
+
+    import train
     for stage in ("stage1", "stage2"):
         lengths = load_from_disk(os.path.join(demo_prepared, stage))["length"]
         packs = train.pack_best_fit(lengths, 32768)

@@ -15,7 +15,15 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 import train
-from conftest import INTERNLM2, assert_same_grads, grads, make_internlm2_checkpoint, random_samples, read_log, save_tiny_llama
+from conftest import (
+    INTERNLM2,
+    assert_same_grads,
+    grads,
+    make_internlm2_checkpoint,
+    random_samples,
+    read_log,
+    save_tiny_llama,
+)
 
 ATOL = RTOL = 1e-5
 
@@ -147,7 +155,7 @@ def test_lr_schedule_warms_up_linearly_then_follows_a_cosine():
     assert lrs[10] == pytest.approx(1e-5)
     assert lrs[55] == pytest.approx(1e-6 + 0.5 * 9e-6)  # half way through the cosine
     assert lrs[-1] == pytest.approx(1e-6, rel=1e-2)
-    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,7 +197,7 @@ def test_packed_forward_equals_per_sample_forwards_logits_loss_and_every_gradien
     # logits: each sample's slice of the packed row equals the sample run alone
     with torch.no_grad():
         packed = model(input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False).logits[0]
-        for s, start, end in zip(samples, b["cu_seqlens"][:-1], b["cu_seqlens"][1:]):
+        for s, start, end in zip(samples, b["cu_seqlens"][:-1], b["cu_seqlens"][1:], strict=True):
             alone = model(input_ids=torch.tensor([s["input_ids"]])).logits[0]
             torch.testing.assert_close(packed[start:end], alone, atol=ATOL, rtol=RTOL)
     # loss and gradients: our packed, chunked loss vs per-sample full cross-entropy
@@ -260,7 +268,7 @@ def test_accumulating_micro_batches_of_different_sizes_equals_one_big_batch():
     assert_same_grads(g_accum, grads(model))
     # and the per-micro-batch mean (HF Trainer's pre-2024 behaviour) really is different
     model.zero_grad()
-    wrong = sum(train.packed_loss_sum(model, b, 8) / c for b, c in zip(micro, counts)) / len(micro)
+    wrong = sum(train.packed_loss_sum(model, b, 8) / c for b, c in zip(micro, counts, strict=True)) / len(micro)
     assert abs(wrong.item() - big_loss.item()) > 1e-3
 
 
@@ -452,6 +460,7 @@ def test_two_ranks_give_the_loss_and_weights_of_one_rank_with_the_same_global_ba
     the step's token mean is taken over both ranks, so the result can't depend on the split."""
     import subprocess
     import sys
+
     from safetensors.torch import load_file
     base = save_tiny_llama(str(tmp_path / "tiny"), os.path.join(demo_prepared, "tokenizer"))
     common = ["--stage", "1", "--data", demo_prepared, "--model", base, "--max-len", "512",
@@ -469,7 +478,7 @@ def test_two_ranks_give_the_loss_and_weights_of_one_rank_with_the_same_global_ba
         torch.set_num_threads(threads)
     log1, log2 = read_log(str(tmp_path / "one" / "stage1")), read_log(str(tmp_path / "two" / "stage1"))
     assert [r["trained_tokens"] for r in log1] == [r["trained_tokens"] for r in log2]
-    for a, b in zip(log1, log2):
+    for a, b in zip(log1, log2, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-6)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
     w1 = load_file(str(tmp_path / "one" / "stage1" / "final" / "model.safetensors"))
@@ -477,4 +486,4 @@ def test_two_ranks_give_the_loss_and_weights_of_one_rank_with_the_same_global_ba
     w0 = load_file(os.path.join(base, "model.safetensors"))
     for name in w0:
         assert (w1[name] - w0[name]).abs().max() > 1e-4, name  # training moved it
-        torch.testing.assert_close(w1[name], w2[name], atol=1e-5, rtol=0, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(w1[name], w2[name], atol=1e-5, rtol=0, msg=lambda m, name=name: f"{name}: {m}")

@@ -111,13 +111,13 @@ def test_zero3_gives_the_losses_and_weights_of_the_plain_ddp_path(tmp_path, demo
     assert json.load(open(tmp_path / "z3-varlen" / "stage1" / "train_config.json"))["attention"] == "varlen_reference"
     w0 = load_file(str(tmp_path / "z0" / "stage1" / "final" / "model.safetensors"))
     for name in ("z3", "z3-varlen"):
-        for x, y in zip(read_log(tmp_path / name / "stage1"), read_log(tmp_path / "z0" / "stage1")):
+        for x, y in zip(read_log(tmp_path / name / "stage1"), read_log(tmp_path / "z0" / "stage1"), strict=True):
             assert x["loss"] == pytest.approx(y["loss"], rel=1e-6, abs=1e-6)
             assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-4)
         w3 = load_file(str(tmp_path / name / "stage1" / "final" / "model.safetensors"))
         assert w3.keys() == w0.keys()
         for k in w0:
-            torch.testing.assert_close(w3[k], w0[k], atol=1e-5, rtol=0, msg=lambda m: f"{name} {k}: {m}")
+            torch.testing.assert_close(w3[k], w0[k], atol=1e-5, rtol=0, msg=lambda m, name=name, k=k: f"{name} {k}: {m}")
 
 
 def test_final_folder_reloads_with_the_weights_deepspeed_reconstructs_from_its_shards(tmp_path, demo_prepared, tiny):
