@@ -56,4 +56,8 @@ gpu-check: $(VENV_STAMP)
 test: $(VENV_STAMP)
 	$(PY) -m pytest -q tests
 
-.PHONY: venv demo test gpu-check
+# ruff with the configuration in pyproject.toml (CI runs it before the tests)
+lint: $(VENV_STAMP)
+	$(PY) -m ruff check .
+
+.PHONY: venv demo test lint gpu-check

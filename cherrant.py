@@ -38,10 +38,12 @@ import numpy as np
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lawbench_assets")  # Cilin, confusion sets
 
-ZH_PUNCT = "！？｡＂＃＄％＆＇（）＊＋，－／：；＜＝＞＠［＼］＾＿｀｛｜｝～｟｠｢｣､、〃》「」『』【】〔〕〖〗〘〙〚〛〜〝〞〟〰〾〿–—‘'‛“”„‟…‧﹏"
+ZH_PUNCT = ("！？｡＂＃＄％＆＇（）＊＋，－／：；＜＝＞＠［＼］＾＿｀｛｜｝～｟｠｢｣､、〃》「」"
+            "『』【】〔〕〖〗〘〙〚〛〜〝〞〟〰〾〿–—‘'‛“”„‟…‧﹏")
 EN_PUNCT = "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~"
 ALIGN_PUNCT = ZH_PUNCT + EN_PUNCT  # the aligner's punctuation (a substring test, as upstream)
-MERGE_PUNCT = EN_PUNCT + "！？｡＂＃＄％＆＇（）＊＋，－／：；＜＝＞＠［＼］＾＿｀｛｜｝～｟｠｢｣､、〃》「」『』【】〔〕〖〗〘〙〚〛〜〝〞〟–—‘'‛“”„‟…‧."
+MERGE_PUNCT = EN_PUNCT + ("！？｡＂＃＄％＆＇（）＊＋，－／：；＜＝＞＠［＼］＾＿｀｛｜｝～｟｠｢｣､、〃》"
+                          "「」『』【】〔〕〖〗〘〙〚〛〜〝〞〟–—‘'‛“”„‟…‧.")
 MISSING = "[缺失成分]"  # ChERRANT keeps this placeholder as one token
 
 OP_M, OP_S, OP_I, OP_D, OP_T = 1, 2, 4, 8, 16
@@ -187,7 +189,8 @@ def _compiled(f):
         try:
             import numba
         except ImportError as exc:
-            raise ImportError("cherrant.py needs numba for its compiled aligner: pip install -r requirements.txt") from exc
+            raise ImportError("cherrant.py needs numba for its compiled aligner: "
+                              "pip install -r requirements.txt") from exc
         jit = numba.njit(cache=True, nogil=True)
         # The kernels call _substitution_cost by its global name, which numba resolves when it
         # compiles them: that name must be the compiled function by then.

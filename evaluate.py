@@ -340,8 +340,8 @@ def score_2_2(items):  # 纠纷焦点识别: "争议焦点类别：责任认定�
 
 
 ISSUE_TOPICS = ["婚姻家庭", "劳动纠纷", "交通事故", "债权债务", "刑事辩护", "合同纠纷", "房产纠纷", "侵权", "公司法",
-                "医疗纠纷", "拆迁安置", "行政诉讼", "建设工程", "知识产权", "综合咨询", "人身损害", "涉外法律", "海事海商",
-                "消费权益", "抵押担保"]
+                "医疗纠纷", "拆迁安置", "行政诉讼", "建设工程", "知识产权", "综合咨询", "人身损害", "涉外法律",
+                "海事海商", "消费权益", "抵押担保"]
 
 
 def score_2_4(items):  # 问题主题识别: the reference is the bare topic
@@ -377,14 +377,15 @@ MARITAL_LABELS = ["婚后有子女", "限制行为能力子女抚养", "有夫�
 def score_2_3(items):  # 婚姻纠纷鉴定: "类别:婚后有子女、限制行为能力子女抚养。"
     def gold_of(refr):
         labels = refr[3:-1].split("、")
-        if not (refr.startswith("类别:") and refr.endswith("。")) or any(label not in MARITAL_LABELS for label in labels):
+        if (not (refr.startswith("类别:") and refr.endswith("。")) or
+                any(label not in MARITAL_LABELS for label in labels)):
             raise ReferenceError_(f"reference {refr!r} is not '类别:<label>、...。' with known labels")
         return set(labels)
     return _label_f1_task(items, MARITAL_LABELS, gold_of)
 
 
-EVENT_TYPES = ["支付/给付", "欺骗", "搜查/扣押", "要求/请求", "卖出", "买入", "获利", "拘捕", "鉴定", "同意/接受", "供述",
-               "联络", "帮助/救助", "租用/借用", "受伤", "伪造", "卖淫", "伤害人身", "赔偿", "归还/偿还"]
+EVENT_TYPES = ["支付/给付", "欺骗", "搜查/扣押", "要求/请求", "卖出", "买入", "获利", "拘捕", "鉴定", "同意/接受",
+               "供述", "联络", "帮助/救助", "租用/借用", "受伤", "伪造", "卖淫", "伤害人身", "赔偿", "归还/偿还"]
 
 
 def score_2_9(items):  # 事件检测: "支付/给付;欺骗"
@@ -393,9 +394,9 @@ def score_2_9(items):  # 事件检测: "支付/给付;欺骗"
 
 CHARGES = [
     "侮辱", "违法发放贷款", "失火", "票据诈骗", "帮助犯罪分子逃避处罚", "重大责任事故", "对非国家工作人员行贿",
-    "非法制造、销售非法制造的注册商标标识", "非法制造、买卖、运输、邮寄、储存枪支、弹药、爆炸物", "非法获取公民个人信息",
-    "扰乱无线电通讯管理秩序", "非法持有、私藏枪支、弹药", "拒不执行判决、裁定", "虚开发票", "巨额财产来源不明",
-    "组织、领导、参加黑社会性质组织", "非法获取国家秘密", "以危险方法危害公共安全", "非法持有毒品",
+    "非法制造、销售非法制造的注册商标标识", "非法制造、买卖、运输、邮寄、储存枪支、弹药、爆炸物",
+    "非法获取公民个人信息", "扰乱无线电通讯管理秩序", "非法持有、私藏枪支、弹药", "拒不执行判决、裁定", "虚开发票",
+    "巨额财产来源不明", "组织、领导、参加黑社会性质组织", "非法获取国家秘密", "以危险方法危害公共安全", "非法持有毒品",
     "聚众扰乱公共场所秩序、交通秩序", "包庇毒品犯罪分子", "滥伐林木", "伪造公司、企业、事业单位、人民团体印章",
     "非法占用农用地", "走私废物", "串通投标", "非法采伐、毁坏国家重点保护植物", "冒充军人招摇撞骗", "玩忽职守",
     "重婚", "招收公务员、学生徇私舞弊", "组织、领导传销活动", "非法猎捕、杀害珍贵、濒危野生动物", "侵犯著作权",
@@ -415,19 +416,19 @@ CHARGES = [
     "走私国家禁止进出口的货物、物品", "假冒注册商标", "危险物品肇事", "走私普通货物、物品", "经济犯", "虚报注册资本",
     "盗掘古文化遗址、古墓葬", "传播淫秽物品", "窝藏、包庇", "拒不支付劳动报酬", "行贿", "开设赌场", "传授犯罪方法",
     "协助组织卖淫", "保险诈骗", "破坏生产经营", "破坏交通设施", "打击报复证人", "非法侵入住宅", "非国家工作人员受贿",
-    "过失致人重伤", "伪造、变造金融票证", "窝藏、转移、隐瞒毒品、毒赃", "帮助毁灭、伪造证据", "走私珍贵动物、珍贵动物制品",
-    "生产、销售假药", "逃税", "挪用特定款物", "聚众扰乱社会秩序", "组织、强迫、引诱、容留、介绍卖淫", "合同诈骗",
-    "非法生产、销售间谍专用器材", "破坏交通工具", "传播性病", "强迫交易", "隐匿、故意销毁会计凭证、会计帐簿、财务会计报告",
-    "非法组织卖血", "强迫劳动", "破坏电力设备", "销售假冒注册商标的商品", "收买被拐卖的妇女、儿童", "诬告陷害", "脱逃",
-    "非法经营", "徇私枉法", "信用卡诈骗", "生产、销售不符合安全标准的食品", "非法行医", "伪造货币", "动植物检疫徇私舞弊",
-    "单位行贿", "破坏监管秩序", "盗窃", "盗伐林木", "重大劳动安全事故", "非法吸收公众存款",
-    "非法制造、出售非法制造的发票", "非法狩猎", "组织卖淫", "非法买卖、运输、携带、持有毒品原植物种子、幼苗", "挪用资金",
-    "诈骗", "伪造、变造、买卖国家机关公文、证件、印章", "持有伪造的发票", "贪污", "非法生产、买卖警用装备",
-    "投放危险物质", "伪造、倒卖伪造的有价票证", "集资诈骗", "抢夺", "生产、销售有毒、有害食品", "非法捕捞水产品",
-    "过失致人死亡", "非法买卖制毒物品", "虚开增值税专用发票、用于骗取出口退税、抵扣税款发票", "寻衅滋事", "危险驾驶",
-    "故意毁坏财物", "招摇撞骗", "盗窃、侮辱尸体", "走私武器、弹药",
-    "非法收购、运输、加工、出售国家重点保护植物、国家重点保护植物制品", "非法出售发票", "劫持船只、汽车",
-    "受贿", "聚众哄抢", "交通肇事"]
+    "过失致人重伤", "伪造、变造金融票证", "窝藏、转移、隐瞒毒品、毒赃", "帮助毁灭、伪造证据",
+    "走私珍贵动物、珍贵动物制品", "生产、销售假药", "逃税", "挪用特定款物", "聚众扰乱社会秩序",
+    "组织、强迫、引诱、容留、介绍卖淫", "合同诈骗", "非法生产、销售间谍专用器材", "破坏交通工具", "传播性病",
+    "强迫交易", "隐匿、故意销毁会计凭证、会计帐簿、财务会计报告", "非法组织卖血", "强迫劳动", "破坏电力设备",
+    "销售假冒注册商标的商品", "收买被拐卖的妇女、儿童", "诬告陷害", "脱逃", "非法经营", "徇私枉法", "信用卡诈骗",
+    "生产、销售不符合安全标准的食品", "非法行医", "伪造货币", "动植物检疫徇私舞弊", "单位行贿", "破坏监管秩序", "盗窃",
+    "盗伐林木", "重大劳动安全事故", "非法吸收公众存款", "非法制造、出售非法制造的发票", "非法狩猎", "组织卖淫",
+    "非法买卖、运输、携带、持有毒品原植物种子、幼苗", "挪用资金", "诈骗", "伪造、变造、买卖国家机关公文、证件、印章",
+    "持有伪造的发票", "贪污", "非法生产、买卖警用装备", "投放危险物质", "伪造、倒卖伪造的有价票证", "集资诈骗", "抢夺",
+    "生产、销售有毒、有害食品", "非法捕捞水产品", "过失致人死亡", "非法买卖制毒物品",
+    "虚开增值税专用发票、用于骗取出口退税、抵扣税款发票", "寻衅滋事", "危险驾驶", "故意毁坏财物", "招摇撞骗",
+    "盗窃、侮辱尸体", "走私武器、弹药", "非法收购、运输、加工、出售国家重点保护植物、国家重点保护植物制品",
+    "非法出售发票", "劫持船只、汽车", "受贿", "聚众哄抢", "交通肇事"]
 
 
 def score_3_3(items):  # 罪名预测: "罪名:盗窃;诈骗". Charge names are matched as substrings, as in LawBench
@@ -444,7 +445,8 @@ def score_3_1(items):  # 法条预测(基于事实): "法条:刑法第264条、�
     for it in items:
         refr = it["refr"]
         numbers = refr.replace("法条:刑法第", "").replace("条", "").split("、")
-        if not (refr.startswith("法条:刑法第") and refr.endswith("条")) or not all(n.isdigit() and int(n) <= 490 for n in numbers):
+        if (not (refr.startswith("法条:刑法第") and refr.endswith("条")) or
+                not all(n.isdigit() and int(n) <= 490 for n in numbers)):
             errors.append((it["id"], f"reference {refr!r} is not '法条:刑法第<n>条、...' with n <= 490"))
             continue
         predicted = set()
@@ -478,7 +480,8 @@ def score_prison_term(items):  # 3-4 / 3-5 刑期预测: "刑期:12个月" vs th
             continue
         pred = cn2an_transform(it["prediction"])
         # "个月" figures first, then "月" figures (which re-match the same numbers), then years.
-        month_figures = [int(x[:-2]) for x in re.findall(r"\d+个月", pred)] + [int(x[:-1]) for x in re.findall(r"\d+月", pred)]
+        month_figures = ([int(x[:-2]) for x in re.findall(r"\d+个月", pred)] +
+                         [int(x[:-1]) for x in re.findall(r"\d+月", pred)])
         year_figures = [int(x[:-1]) for x in re.findall(r"\d+年", pred)]
         if month_figures:
             guess = month_figures[0]
@@ -500,7 +503,8 @@ def score_3_7(items):  # 犯罪金额计算: right iff the exact amount appears 
         refr = it["refr"]
         amount = refr.replace("上文涉及到的犯罪金额:", "").replace("元。", "")
         try:
-            if not (refr.startswith("上文涉及到的犯罪金额:") and refr.endswith("元。")) or "千元" in refr or "万" in refr:
+            if (not (refr.startswith("上文涉及到的犯罪金额:") and refr.endswith("元。")) or
+                    "千元" in refr or "万" in refr):
                 raise ValueError
             amount = float(amount)
         except ValueError:
@@ -533,7 +537,8 @@ def score_2_5(items):  # 阅读理解: character F1 against the answer ("回答:
     return {"score": sum(scores) / len(scores) if scores else 0.0, "abstention_rate": None, "errors": []}
 
 
-NER_TYPES = ["犯罪嫌疑人", "受害人", "被盗货币", "物品价值", "盗窃获利", "被盗物品", "作案工具", "时间", "地点", "组织机构"]
+NER_TYPES = ["犯罪嫌疑人", "受害人", "被盗货币", "物品价值", "盗窃获利", "被盗物品", "作案工具", "时间", "地点",
+             "组织机构"]
 
 
 def _predicted_entities(pred):
@@ -573,7 +578,8 @@ def score_2_10(items):  # 触发词提取: soft F1 of ";"-separated triggers, co
     total = 0.0
     for it in items:
         golds, preds = it["refr"].split(";"), it["prediction"].split(";")
-        matched = [char_f1(g, p) for g, p in zip(golds, preds, strict=True)]
+        # as LawBench: position by position, the extra triggers of the longer list unmatched
+        matched = [char_f1(g, p) for g, p in zip(golds, preds, strict=False)]
         precision, recall = sum(matched) / len(preds), sum(matched) / len(golds)
         total += 2 * precision * recall / (precision + recall + 1e-10)
     return {"score": total / len(items) if items else 0.0, "abstention_rate": None, "errors": []}
@@ -670,7 +676,8 @@ def load_prediction_file(path):
     ids.sort()
     gaps = sorted(set(range(len(ids))) - set(ids))
     if gaps:
-        problems.append(f"{path}: item ids are not 0..{len(ids) - 1} (missing {gaps[:10]}{'...' if len(gaps) > 10 else ''}); "
+        problems.append(f"{path}: item ids are not 0..{len(ids) - 1} "
+                        f"(missing {gaps[:10]}{'...' if len(gaps) > 10 else ''}); "
                         "LawBench's scorer would stop here, we score the items present")
     for i in ids:
         raw = data[str(i)]
@@ -680,11 +687,13 @@ def load_prediction_file(path):
             continue
         pred = raw.get("prediction")
         if not isinstance(pred, str):
-            problems.append(f"{path}: item {i}: {'missing' if pred is None else 'non-text'} prediction; scored as an empty answer")
+            problems.append(f"{path}: item {i}: {'missing' if pred is None else 'non-text'} prediction; "
+                            "scored as an empty answer")
             pred = ""
         elif not pred.strip():
             problems.append(f"{path}: item {i}: empty prediction; scored as an empty answer")
-        items.append({"id": i, "prompt": prompt_text(raw.get("origin_prompt")), "prediction": pred, "refr": raw["refr"]})
+        items.append({"id": i, "prompt": prompt_text(raw.get("origin_prompt")), "prediction": pred,
+                      "refr": raw["refr"]})
     return items, problems, unscorable
 
 
@@ -800,11 +809,13 @@ def markdown_tables(report):
     head = "| Task | Name | Metric | " + " | ".join(models) + " |\n"
     rule = "| :-- | :-- | :-- | " + " | ".join(":--:" for _ in models) + " |\n"
     lines = ["## Scores (0-100)\n\n", head, rule]
-    avg_rows = [("AVG", "overall"), ("AVG 1-x", "memorization"), ("AVG 2-x", "understanding"), ("AVG 3-x", "application")]
+    avg_rows = [("AVG", "overall"), ("AVG 1-x", "memorization"), ("AVG 2-x", "understanding"),
+                ("AVG 3-x", "application")]
     for label, key in avg_rows:
         cells = [_fmt(report["models"][m]["averages"][key]) for m in models]
         lines.append(f"| **{label}** | {key} | mean | " + " | ".join(cells) + " |\n")
-    lines.append("| tasks scored | | | " + " | ".join(str(report["models"][m]["averages"]["n_tasks"]) for m in models) + " |\n")
+    lines.append("| tasks scored | | | " +
+                 " | ".join(str(report["models"][m]["averages"]["n_tasks"]) for m in models) + " |\n")
     tasks = sorted({t for m in models for t in report["models"][m]["tasks"]}, key=task_sort_key)
     for t in tasks:
         cells = [_fmt(report["models"][m]["tasks"].get(t, {}).get("score")) for m in models]
@@ -825,7 +836,8 @@ def write_csv(report, f):
         for task, r in entry["tasks"].items():
             rows.append([report["setting"] or "", model, task, TASKS[task][0], TASKS[task][2],
                          "" if r["score"] is None else repr(r["score"]),
-                         "" if r["abstention_rate"] is None else repr(r["abstention_rate"]), r["n_items"], r["n_unscorable"]])
+                         "" if r["abstention_rate"] is None else repr(r["abstention_rate"]),
+                         r["n_items"], r["n_unscorable"]])
     import io
     buf = io.StringIO()
     csv.writer(buf, lineterminator="\n").writerows(rows)
@@ -915,7 +927,8 @@ def load_lawbench_task(data_dir, setting, task):
     except (OSError, json.JSONDecodeError) as exc:
         fail(f"{path}: cannot read LawBench task file ({exc})")
     for i, it in enumerate(items if isinstance(items, list) else [None]):
-        if not isinstance(it, dict) or not all(isinstance(it.get(k), str) for k in ("instruction", "question", "answer")):
+        if (not isinstance(it, dict) or
+                not all(isinstance(it.get(k), str) for k in ("instruction", "question", "answer"))):
             fail(f"{path}: item {i} is not {{instruction, question, answer}} text")
     return items
 
@@ -1102,9 +1115,11 @@ PAIRWISE_RUBRIC = (
 )
 VERDICT_TAG = re.compile(r"\[\[\s*(A|B|C|TIE|平局|相当)\s*\]\]", re.I)
 PREFERS = {side: re.compile(r"(?:回答|答案|助手|assistant|answer|response)?\s*" + side +
-                            r"\s*(?:的回答)?\s*(?:更好|更优|更佳|较好|较优|胜出|获胜|is\s+better|wins|is\s+superior)", re.I)
+                            r"\s*(?:的回答)?\s*(?:更好|更优|更佳|较好|较优|胜出|获胜|is\s+better|wins|"
+                            r"is\s+superior)", re.I)
            for side in "AB"}
-TIE_WORDS = re.compile(r"两者相当|二者相当|不相上下|难分伯仲|平局|同样好|一样好|\btie\b|equally\s+good|equally\s+well", re.I)
+TIE_WORDS = re.compile(r"两者相当|二者相当|不相上下|难分伯仲|平局|同样好|一样好|"
+                       r"\btie\b|equally\s+good|equally\s+well", re.I)
 
 
 def parse_verdict(output):
@@ -1142,7 +1157,8 @@ def combine_orders(model_first, reference_first):
 
 def orders_agree(model_first, reference_first):
     return (model_first is not None and reference_first is not None and
-            {"A": "win", "B": "loss", "tie": "tie"}[model_first] == {"B": "win", "A": "loss", "tie": "tie"}[reference_first])
+            {"A": "win", "B": "loss", "tie": "tie"}[model_first] ==
+            {"B": "win", "A": "loss", "tie": "tie"}[reference_first])
 
 
 def bootstrap_interval(wins, n_boot=2000, seed=0, level=0.95):
@@ -1227,7 +1243,8 @@ def judge_questions(args):
 
 def judge_key(judge, question, answer_a, answer_b):
     import hashlib
-    return hashlib.sha256(f"{PAIRWISE_RUBRIC_VERSION}\0{judge}\0{question}\0{answer_a}\0{answer_b}".encode()).hexdigest()
+    return hashlib.sha256(f"{PAIRWISE_RUBRIC_VERSION}\0{judge}\0{question}\0"
+                          f"{answer_a}\0{answer_b}".encode()).hexdigest()
 
 
 def plot_winrates(result, f):
@@ -1302,7 +1319,8 @@ def cmd_judge(args):
                 import torch
                 device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
                 model, tok, stop_ids = load_generator(args.judge_model, args.trust_remote_code, device)
-                generate_replies(model, tok, stop_ids, prompts, list(prompts), args.batch_size, args.max_new_tokens, keep)
+                generate_replies(model, tok, stop_ids, prompts, list(prompts), args.batch_size,
+                                 args.max_new_tokens, keep)
     # verdicts, then one outcome per (model, question)
     rows, verdict = [], {}
     for j in jobs:
@@ -1320,7 +1338,8 @@ def cmd_judge(args):
                                 "win_rate_ties_half = (wins + ties / 2) / (n - unparseable).",
               "models": {}}
     for m in models:
-        outcome = {q["id"]: combine_orders(verdict[(m, q["id"], "model_first")], verdict[(m, q["id"], "reference_first")])
+        outcome = {q["id"]: combine_orders(verdict[(m, q["id"], "model_first")],
+                                           verdict[(m, q["id"], "reference_first")])
                    for q in questions}
         c = Counter(outcome.values())
         n = len(questions)
@@ -1328,7 +1347,8 @@ def cmd_judge(args):
         result["models"][m] = {
             "n": n, "win": c["win"], "tie": c["tie"], "loss": c["loss"], "unparseable": c["unparseable"],
             "win_rate": c["win"] / n if n else None,
-            "win_rate_ci95": bootstrap_interval([outcome[q["id"]] == "win" for q in questions], args.bootstrap, args.seed),
+            "win_rate_ci95": bootstrap_interval([outcome[q["id"]] == "win" for q in questions],
+                                                args.bootstrap, args.seed),
             "win_rate_ties_half": (c["win"] + c["tie"] / 2) / parsed if parsed else None,
             # questions whose two verdicts agree once the swap is undone: how little position bias there is
             "position_consistency": sum(orders_agree(verdict[(m, q["id"], "model_first")],
@@ -1359,7 +1379,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="LawBench evaluation, scored exactly as LawBench's official scorer.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("score", help="score LawBench prediction files",
-                       description="Score LawBench predictions (DIR/<model>/<task>.json) with LawBench's official metrics.")
+                       description="Score LawBench predictions (DIR/<model>/<task>.json) "
+                                   "with LawBench's official metrics.")
     p.add_argument("--predictions", required=True, metavar="DIR",
                    help="folder of predictions: DIR/<model>/<task>.json, DIR/<setting>/<model>/<task>.json, "
                         "or one model's folder DIR/<task>.json")
@@ -1376,17 +1397,20 @@ def main(argv=None):
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_score)
     for name, text, func in (
-            ("generate", "generate LawBench predictions from a checkpoint (greedy, the model's chat template)", cmd_generate),
+            ("generate", "generate LawBench predictions from a checkpoint (greedy, the model's chat template)",
+             cmd_generate),
             ("run", "generate LawBench predictions, then score them", cmd_run)):
         q = sub.add_parser(name, help=text, description=text)
         q.add_argument("--model", required=True, help="Hugging Face model folder (e.g. out/stage2/final) or hub id; "
                        "with --api-base, the name the server serves it under")
         q.add_argument("--lawbench-data", required=True, metavar="DIR",
-                       help="LawBench's data folder: DIR/<setting>/<task>.json, lists of {instruction, question, answer}")
+                       help="LawBench's data folder: DIR/<setting>/<task>.json, "
+                            "lists of {instruction, question, answer}")
         q.add_argument("--setting", choices=["zero_shot", "one_shot"], default="zero_shot",
                        help="LawBench setting (default %(default)s)")
         q.add_argument("--out", required=True, metavar="DIR",
-                       help="prediction folder, LawBench's layout: DIR/<task>.json (resumable: finished items are kept)")
+                       help="prediction folder, LawBench's layout: DIR/<task>.json "
+                            "(resumable: finished items are kept)")
         q.add_argument("--tasks", default=None, help="comma-separated task ids, e.g. 1-1,3-3 (default: all 20)")
         q.add_argument("--limit", type=int, default=None, help="only the first N items of each task (quick looks)")
         q.add_argument("--batch-size", type=int, default=8, help="prompts per generate() call (default %(default)s)")
@@ -1399,7 +1423,8 @@ def main(argv=None):
                        "(default: none; local engines need none)")
         q.add_argument("--concurrency", type=int, default=16,
                        help="requests in flight with --api-base (default %(default)s)")
-        q.add_argument("--timeout", type=float, default=600.0, help="seconds per request with --api-base (default %(default)s)")
+        q.add_argument("--timeout", type=float, default=600.0,
+                       help="seconds per request with --api-base (default %(default)s)")
         q.add_argument("--retries", type=int, default=5, help="retries of a request on connection errors, 429 and 5xx, "
                        "with exponential backoff (default %(default)s)")
         q.add_argument("--trust-remote-code", action="store_true",
@@ -1415,28 +1440,36 @@ def main(argv=None):
                        description="The paper's subjective evaluation: each model's answers against a reference's "
                        "(default: LawBench's published GPT-4 answers to the consultation task 3-8), judged by an LLM "
                        "in both orders with a fixed rubric; win rate with a bootstrap 95% interval.")
-    j.add_argument("--predictions", metavar="DIR", help="LawBench prediction layout, DIR/<model>/<task>.json: every model "
-                   "in it is compared with --reference on the same items")
+    j.add_argument("--predictions", metavar="DIR", help="LawBench prediction layout, DIR/<model>/<task>.json: "
+                   "every model in it is compared with --reference on the same items")
     j.add_argument("--reference", required=True, help="the model to compare against: a model folder name in DIR "
                    "(e.g. GPT4), a folder of <task>.json, or an answer name in --questions")
-    j.add_argument("--tasks", default=None, help="LawBench tasks whose items are the questions (default 3-8, consultation)")
+    j.add_argument("--tasks", default=None,
+                   help="LawBench tasks whose items are the questions (default 3-8, consultation)")
     j.add_argument("--setting", choices=["zero_shot", "one_shot"], default=None, help="picks DIR/<setting>/ if present")
-    j.add_argument("--questions", metavar="FILE", help="instead of DIR: JSONL of {id, question, answers: {model: text}}")
+    j.add_argument("--questions", metavar="FILE",
+                   help="instead of DIR: JSONL of {id, question, answers: {model: text}}")
     j.add_argument("--limit", type=int, default=None, help="only the first N questions (per task)")
     j.add_argument("--judge-model", metavar="PATH", help="a local causal LM as the judge (transformers, greedy)")
     j.add_argument("--judge-api-base", metavar="URL", help="an OpenAI-compatible server as the judge (a served 70B, or "
                    "https://api.openai.com/v1 for GPT-4 with --judge-api-key-env OPENAI_API_KEY)")
     j.add_argument("--judge-api-model", metavar="NAME", help="the judge's name on that server (e.g. gpt-4)")
     j.add_argument("--judge-api-key-env", metavar="VAR", help="environment variable holding the judge server's API key")
-    j.add_argument("--out", required=True, metavar="DIR", help="judgments.jsonl, winrate.json, winrate.png (and the cache)")
-    j.add_argument("--cache", metavar="FILE", help="judge output cache, keyed by judge, rubric version and both answers "
-                   "(default OUT/judge_cache.jsonl); a killed run resumes from it")
-    j.add_argument("--max-new-tokens", type=int, default=512, help="judge reply length (reason + verdict; default %(default)s)")
+    j.add_argument("--out", required=True, metavar="DIR",
+                   help="judgments.jsonl, winrate.json, winrate.png (and the cache)")
+    j.add_argument("--cache", metavar="FILE", help="judge output cache, keyed by judge, rubric version and "
+                   "both answers (default OUT/judge_cache.jsonl); a killed run resumes from it")
+    j.add_argument("--max-new-tokens", type=int, default=512,
+                   help="judge reply length (reason + verdict; default %(default)s)")
     j.add_argument("--batch-size", type=int, default=4, help="local judge batch size (default %(default)s)")
-    j.add_argument("--concurrency", type=int, default=16, help="requests in flight with --judge-api-base (default %(default)s)")
-    j.add_argument("--timeout", type=float, default=600.0, help="seconds per request with --judge-api-base (default %(default)s)")
-    j.add_argument("--retries", type=int, default=5, help="retries on connection errors, 429 and 5xx (default %(default)s)")
-    j.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the 95%% interval (default %(default)s)")
+    j.add_argument("--concurrency", type=int, default=16,
+                   help="requests in flight with --judge-api-base (default %(default)s)")
+    j.add_argument("--timeout", type=float, default=600.0,
+                   help="seconds per request with --judge-api-base (default %(default)s)")
+    j.add_argument("--retries", type=int, default=5,
+                   help="retries on connection errors, 429 and 5xx (default %(default)s)")
+    j.add_argument("--bootstrap", type=int, default=2000,
+                   help="bootstrap resamples for the 95%% interval (default %(default)s)")
     j.add_argument("--seed", type=int, default=0, help="bootstrap seed (default %(default)s)")
     j.add_argument("--trust-remote-code", action="store_true", help="allow the local judge's own modelling code")
     j.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -241,7 +241,8 @@ def load_recipe(path):
             fail(f"{where} ({name}): 'language' must be 'zh' (checked) or 'any'")
         # local paths are relative to the recipe; data_files only for the builders that read local
         # files (json, parquet, ...), not for hub repositories, where they name files in the repo
-        local_builder = "dataset" in s and (s["dataset"] in LOCAL_BUILDERS or os.path.isdir(os.path.join(base, s["dataset"])))
+        local_builder = "dataset" in s and (s["dataset"] in LOCAL_BUILDERS
+                                            or os.path.isdir(os.path.join(base, s["dataset"])))
         if "data_files" in s and not isinstance(s["data_files"], (str, list)):
             fail(f"{where} ({name}): 'data_files' must be a path or a list of paths")
         for key in ("path", "data_files") if local_builder or "path" in s else ("path",):
@@ -488,7 +489,8 @@ def read_statutes(spec):
         if path.endswith(".csv"):
             import csv
             import io
-            objs = [(f"{path}:{i + 2}", r) for i, r in enumerate(csv.DictReader(io.StringIO(read_text(path), newline="")))]
+            objs = [(f"{path}:{i + 2}", r)
+                    for i, r in enumerate(csv.DictReader(io.StringIO(read_text(path), newline="")))]
         else:
             objs = list(read_json_file(path))
         rows = []
@@ -793,7 +795,8 @@ def load_benchmark_index(folder, n, max_df, ignore=None, law_names=frozenset()):
     # per question and position, the id of its n-gram among the informative ones (one lookup for all)
     positions = np.concatenate(per_q) if per_q else np.zeros(0, np.uint64)
     idx = np.searchsorted(hashes, positions).clip(max=max(len(hashes) - 1, 0))
-    ids = np.where(hashes[idx] == positions, idx, -1).astype(np.int32) if len(hashes) else np.full(len(positions), -1, np.int32)
+    ids = (np.where(hashes[idx] == positions, idx, -1).astype(np.int32) if len(hashes)
+           else np.full(len(positions), -1, np.int32))
     grams = np.split(ids, np.cumsum([len(h) for h in per_q])[:-1]) if per_q else []
     name_lengths = sorted({len(x) for x in law_names}, reverse=True)
     return {"n": n, "hashes": hashes, "post_start": post_start, "post_q": post_q, "norm": questions,
@@ -1202,9 +1205,9 @@ def markdown_report(rep):
         lines += ["## LawBench decontamination", "",
                   f"A record is contaminated when it covers >= {d['min_coverage']:.0%} of a question's informative "
                   f"characters, or a contiguous run of >= {d['min_span']} of them, and >= {d['min_chars']} characters "
-                  f"(all of a shorter question; character {n}-grams). {d['questions']} distinct questions; {d['ngrams']} "
-                  f"{n}-grams used as evidence; not evidence: {d['boilerplate_ngrams']} boilerplate {n}-grams "
-                  f"(in > {d['max_df']} questions), {d['statute_ngrams']} of statute text "
+                  f"(all of a shorter question; character {n}-grams). {d['questions']} distinct questions; "
+                  f"{d['ngrams']} {n}-grams used as evidence; not evidence: {d['boilerplate_ngrams']} boilerplate "
+                  f"{n}-grams (in > {d['max_df']} questions), {d['statute_ngrams']} of statute text "
                   f"({d['ignore_statutes'] or 'not given'}; its citations in questions are masked too), "
                   f"{d['phrasing_ngrams']} phrasing of this data "
                   f"(in > {d['corpus_max_df']} records); {d['short_questions']} questions shorter than {n} "
@@ -1220,7 +1223,8 @@ def markdown_report(rep):
                   "For example `grep '\"reason\": \"contaminated\"' dropped.jsonl`.", "",
                   "| reason | lines | of which in stage 1 / stage 2 |", "|---|---|---|"]
         by = rep["dropped_records"]["by_reason"]
-        lines += [f"| {r} | {c['lines']} | " + (f"{c.get('stage1', 0)} / {c.get('stage2', 0)}" if r in STAGE_REASONS else "-")
+        lines += [f"| {r} | {c['lines']} | "
+                  + (f"{c.get('stage1', 0)} / {c.get('stage2', 0)}" if r in STAGE_REASONS else "-")
                   + " |" for r, c in by.items()]
         lines.append("")
     problems = [(n, r, w) for n, s in rep["sources"].items() for r, ws in s["examples"].items() for w in ws]
@@ -1258,7 +1262,8 @@ def parse_args(argv):
                    help="tokenizer folder (from_pretrained), normally the base model's; it must be a fast tokenizer")
     p.add_argument("--out", default="data/processed", help="output folder (replaced atomically; default %(default)s)")
     p.add_argument("--build-tokenizer", type=int, metavar="VOCAB",
-                   help="demo only: train a byte-level BPE of VOCAB tokens on the input texts and save it at --tokenizer")
+                   help="demo only: train a byte-level BPE of VOCAB tokens on the input texts and save it at "
+                        "--tokenizer")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow tokenizer/judge code from the model folder (InternLM2's tokenizer needs it)")
     p.add_argument("--num-proc", type=int, default=1, help="processes for tokenization and the per-record rules")
@@ -1268,13 +1273,15 @@ def parse_args(argv):
                         "-1 keeps the weights as they are")
     p.add_argument("--max-tokens", type=int, help="drop longer samples (recipe 'max_tokens'; default 32768)")
     p.add_argument("--min-tokens", type=int, help="drop shorter samples (recipe 'min_tokens'; default 16)")
-    p.add_argument("--pack-len", type=int, default=32768, help="train.py's --max-len, for the packs figures in the report (default 32768)")
+    p.add_argument("--pack-len", type=int, default=32768,
+                   help="train.py's --max-len, for the packs figures in the report (default 32768)")
     p.add_argument("--min-cjk-ratio", type=float, default=0.3,
                    help="minimum share of CJK among letters for language-zh sources (default 0.3)")
     p.add_argument("--max-dup-ngram-share", type=float, default=MAX_DUP_NGRAM_SHARE,
                    help="repetition: maximum share of a reply's characters in duplicated 5..10-word n-grams (Gopher's "
                         "rule; its line and paragraph rules use Gopher's thresholds; default %(default)s)")
-    p.add_argument("--refusal-phrases", help="file with one refusal/boilerplate phrase per line (replaces the built-in list)")
+    p.add_argument("--refusal-phrases",
+                   help="file with one refusal/boilerplate phrase per line (replaces the built-in list)")
     p.add_argument("--near-dup-threshold", type=float, default=0.8,
                    help="MinHash Jaccard threshold for near duplicates (default 0.8); 1 turns near-dedup off")
     p.add_argument("--minhash-perms", type=int, default=128, help="MinHash permutations (default 128)")
@@ -1311,7 +1318,8 @@ def parse_args(argv):
     p.add_argument("--judge-max-new-tokens", type=int, default=4, help="tokens the judge may generate (default 4)")
     p.add_argument("--judge-api-base", metavar="URL", help="grade through an OpenAI-compatible server instead of "
                    "--judge-model (vLLM, LMDeploy, SGLang, transformers serve, OpenAI), e.g. http://127.0.0.1:8000/v1")
-    p.add_argument("--judge-api-model", metavar="NAME", help="the judge's name on that server (needed with --judge-api-base)")
+    p.add_argument("--judge-api-model", metavar="NAME",
+                   help="the judge's name on that server (needed with --judge-api-base)")
     p.add_argument("--judge-api-key-env", metavar="VAR", help="environment variable holding the server's API key")
     p.add_argument("--judge-concurrency", type=int, default=16, help="judge requests in flight (default 16)")
     p.add_argument("--eot-token", help="end-of-turn token, if it can't be found from the chat template")
@@ -1340,7 +1348,8 @@ def settings(args, recipe):
     if cfg["general_ratio"] is not None and not (cfg["general_ratio"] == -1 or 0 <= cfg["general_ratio"] < 1):
         fail("--general-ratio must be in [0, 1), or -1")
     if args.refusal_phrases:
-        cfg["refusal_phrases"] = [line.strip().lower() for line in read_text(args.refusal_phrases).splitlines() if line.strip()]
+        cfg["refusal_phrases"] = [line.strip().lower() for line in read_text(args.refusal_phrases).splitlines()
+                                  if line.strip()]
     else:
         cfg["refusal_phrases"] = [p.lower() for p in REFUSAL_PHRASES]
     return cfg
@@ -1374,7 +1383,8 @@ def read_sources(sources, seed, encoding, audit):
     recs = {"messages": [], "language": [], "src": [], "id": [], "where": []}
 
     def keep(si, s, msgs, rid, where):
-        for col, v in zip(("messages", "language", "src", "id", "where"), (msgs, s["language"], si, rid, where), strict=True):
+        for col, v in zip(("messages", "language", "src", "id", "where"), (msgs, s["language"], si, rid, where),
+                          strict=True):
             recs[col].append(v)
 
     stats = {s["name"]: {"category": s["category"], "format": s["format"], "read": 0,
@@ -1431,7 +1441,8 @@ def featurize_all(recs, tok, eot, specials, cfg, bench, num_proc):
                     # declared, not inferred: a first batch with no LawBench hit would type the
                     # column as empty lists, and the first hit later would fail to cast
                     features=datasets.Features({
-                        **{k: datasets.List(datasets.Value("int64")) for k in ("input_ids", "labels", "bench_hits", "minhash")},
+                        **{k: datasets.List(datasets.Value("int64"))
+                           for k in ("input_ids", "labels", "bench_hits", "minhash")},
                         **{k: datasets.Value("int64") for k in ("length", "label_tokens")},
                         **{k: datasets.Value("string") for k in ("reason", "rule", "text_hash")}}),
                     new_fingerprint=hashlib.sha256(f"featurize{len(recs['id'])}".encode()).hexdigest()[:16])
@@ -1482,8 +1493,9 @@ def build_stage(stage, sources, stats, kept_by_source, judge, recs, lengths, lab
                     continue
                 sst["dropped"][r] += 1
                 extra = {"judge_score": judge[i]} if r == "judge_low_score" else {}
-                audit.append((audit_key(i, CHECKS, stage), {"source": s["name"], "id": recs["id"][i], "where": recs["where"][i],
-                                              "reason": r, "stage": stage, **extra}))
+                audit.append((audit_key(i, CHECKS, stage), {"source": s["name"], "id": recs["id"][i],
+                                                            "where": recs["where"][i],
+                                                            "reason": r, "stage": stage, **extra}))
             kept = ok
         c = weighted_copies(kept, s["weight"], rng)
         (general_copies if s["category"] == "general" else copies).update(c)
@@ -1495,8 +1507,9 @@ def build_stage(stage, sources, stats, kept_by_source, judge, recs, lengths, lab
     copies.update(general_copies)
     for i in sorted(i for i, v in copies.items() if v == 0):
         sst["dropped"]["downsampled"] += 1
-        audit.append((audit_key(i, CHECKS, stage), {"source": sources[src[i]]["name"], "id": recs["id"][i], "where": recs["where"][i],
-                                      "reason": "downsampled", "stage": stage}))
+        audit.append((audit_key(i, CHECKS, stage), {"source": sources[src[i]]["name"], "id": recs["id"][i],
+                                                    "where": recs["where"][i],
+                                                    "reason": "downsampled", "stage": stage}))
     rows = [i for i in sorted(copies) for _ in range(copies[i])]
     random.Random(f"{seed}:shuffle{stage}").shuffle(rows)
     sst["kept"] = sum(1 for v in copies.values() if v > 0)
@@ -1621,7 +1634,8 @@ def main(argv=None):
         n = cfg["decontam_ngram"]
         spec = args.decontam_ignore_statutes
         bench = load_benchmark_index(args.decontaminate, n, args.decontam_max_df,
-                                     statute_ngrams(spec, n) if spec else None, statute_law_names(spec) if spec else frozenset())
+                                     statute_ngrams(spec, n) if spec else None,
+                                     statute_law_names(spec) if spec else frozenset())
         log(f"LawBench index: {bench['questions']} questions, {bench['ngrams']} {n}-grams "
             f"({bench['boilerplate_ngrams']} boilerplate and {bench['statute_ngrams']} statute {n}-grams ignored)")
 
@@ -1656,7 +1670,8 @@ def main(argv=None):
     kept_by_source = defaultdict(list)  # source index -> indices of the records that passed
     for i, r in enumerate(reasons):
         if r:
-            drop_record(stats[sources[src[i]]["name"]], audit, r, ids[i], wheres[i], audit_key(i, CHECKS, 0), **detail.get(i, {}))
+            drop_record(stats[sources[src[i]]["name"]], audit, r, ids[i], wheres[i], audit_key(i, CHECKS, 0),
+                        **detail.get(i, {}))
         else:
             kept_by_source[src[i]].append(i)
 

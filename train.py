@@ -446,7 +446,8 @@ def llama_config_from_internlm2(cfg):
         num_hidden_layers=cfg["num_hidden_layers"], num_attention_heads=cfg["num_attention_heads"],
         num_key_value_heads=cfg.get("num_key_value_heads", cfg["num_attention_heads"]),
         hidden_act=cfg.get("hidden_act", "silu"), max_position_embeddings=cfg["max_position_embeddings"],
-        rms_norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_parameters=rope, tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+        rms_norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_parameters=rope,
+        tie_word_embeddings=cfg.get("tie_word_embeddings", False),
         bos_token_id=cfg.get("bos_token_id"), eos_token_id=cfg.get("eos_token_id"),
         pad_token_id=cfg.get("pad_token_id"), attention_bias=False, architectures=["LlamaForCausalLM"],
         dtype=cfg.get("torch_dtype", cfg.get("dtype", "bfloat16")))
@@ -486,7 +487,8 @@ def weight_files(path):
 
 
 TOKENIZER_PROBES = [
-    "中华人民共和国民法典第五百七十七条　当事人一方不履行合同义务或者履行合同义务不符合约定的，应当承担继续履行、采取补救措施或者赔偿损失等违约责任。",
+    "中华人民共和国民法典第五百七十七条　当事人一方不履行合同义务或者履行合同义务不符合约定的，"
+    "应当承担继续履行、采取补救措施或者赔偿损失等违约责任。",
     "原告张三诉称：2023年5月1日，被告借款人民币50,000元，约定月利率1.5%。\n\n  被告未到庭。",
     "Article 577 of the Civil Code.  Two  spaces,\ttabs and\nnewlines.",
     " a leading space",
@@ -532,7 +534,8 @@ def convert_internlm2_tokenizer(src, dst, vocab_size, trust_remote_code=False):
     cfg = json.load(open(cfg_file)) if os.path.isfile(cfg_file) else {}
     specials = sorted({t["content"] for t in cfg.get("added_tokens_decoder", {}).values() if t.get("special")}
                       | {t if isinstance(t, str) else t["content"] for t in cfg.get("additional_special_tokens", [])}
-                      - {cfg.get(k) for k in ("bos_token", "eos_token", "unk_token", "pad_token")}, key=len, reverse=True)
+                      - {cfg.get(k) for k in ("bos_token", "eos_token", "unk_token", "pad_token")},
+                      key=len, reverse=True)
     add_bos, add_eos = cfg.get("add_bos_token", True), cfg.get("add_eos_token", False)
     tok = LlamaTokenizer.from_pretrained(src, add_bos_token=add_bos, add_eos_token=add_eos, legacy=True,
                                          additional_special_tokens=specials)
@@ -540,7 +543,8 @@ def convert_internlm2_tokenizer(src, dst, vocab_size, trust_remote_code=False):
     proto.ParseFromString(open(model_file, "rb").read())
     dummy = proto.normalizer_spec.add_dummy_prefix
     backend = tok.backend_tokenizer
-    backend.normalizer = normalizers.Sequence(([normalizers.Prepend("▁")] if dummy else []) + [normalizers.Replace(" ", "▁")])
+    backend.normalizer = normalizers.Sequence(([normalizers.Prepend("▁")] if dummy else [])
+                                              + [normalizers.Replace(" ", "▁")])
     backend.pre_tokenizer = None
     backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
                                         + ([decoders.Strip(" ", 1, 0)] if dummy else []))
@@ -563,9 +567,10 @@ def convert_internlm2_tokenizer(src, dst, vocab_size, trust_remote_code=False):
     original = AutoTokenizer.from_pretrained(src, trust_remote_code=True) if trust_remote_code else None
     for text in probes:
         ours = reloaded(text)["input_ids"]
-        ref = sentencepiece_reference(sp, text, specials, sp.bos_id() if add_bos else None) + ([sp.eos_id()] if add_eos else [])
-        for name, expected in [("its sentencepiece model", ref)] + ([("InternLM2Tokenizer", original(text)["input_ids"])]
-                                                                     if original is not None else []):
+        ref = (sentencepiece_reference(sp, text, specials, sp.bos_id() if add_bos else None)
+               + ([sp.eos_id()] if add_eos else []))
+        for name, expected in [("its sentencepiece model", ref)] + (
+                [("InternLM2Tokenizer", original(text)["input_ids"])] if original is not None else []):
             if ours != expected:
                 fail(f"the converted tokenizer of {src} does not encode like {name} (text "
                          f"{text[:30]!r}...: {ours[:8]} vs {expected[:8]}); please report it with the tokenizer files")
@@ -591,7 +596,8 @@ def convert_internlm2(src, dst, trust_remote_code=False):
             state = internlm2_to_llama_tensors(state, cfg["num_attention_heads"],
                                                cfg.get("num_key_value_heads", cfg["num_attention_heads"]))
             shard = f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
-            save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(tmp, shard), metadata={"format": "pt"})
+            save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(tmp, shard),
+                      metadata={"format": "pt"})
             weight_map.update({k: shard for k in state})
         with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=1)
@@ -643,7 +649,7 @@ def pick_attention(requested, device, max_len):
             import flash_attn  # noqa: F401
         except ImportError:
             fail(f"--attn {requested} needs the flash_attn package: pip install flash-attn --no-build-isolation"
-                     f"{' (or use --attn varlen: PyTorch has the kernel built in)' if torch_has_varlen(device) else ''}")
+                 f"{' (or use --attn varlen: PyTorch has the kernel built in)' if torch_has_varlen(device) else ''}")
     if requested in ("sdpa", "eager") and device.type == "cuda" and max_len > SDPA_PACKED_MAX_LEN:
         log(f"warning: --attn {requested} on a GPU with packs of {max_len} tokens: every pack gets a dense "
             f"[{max_len} x {max_len}] mask and full-square attention; --attn varlen is much faster and smaller")
@@ -698,9 +704,9 @@ def check_rope_with_packing(cfg, lengths, name):
         n_over = int((np.asarray(lengths) > limit).sum())
         if n_over:
             fail(f"{name} uses {kind} RoPE, which rescales positions by the longest sample in a pack, and "
-                     f"{n_over} of the {len(lengths)} samples are longer than its {limit} tokens: packed samples would "
-                     f"change each other's position encoding. Use --max-len {limit} (longer samples are then dropped, "
-                     f"or truncated with --oversize truncate), or a static rope scaling (linear, yarn) in its config.json")
+                 f"{n_over} of the {len(lengths)} samples are longer than its {limit} tokens: packed samples would "
+                 f"change each other's position encoding. Use --max-len {limit} (longer samples are then dropped, "
+                 f"or truncated with --oversize truncate), or a static rope scaling (linear, yarn) in its config.json")
 
 
 def lr_at(step, total, warmup, peak, min_ratio):
@@ -864,7 +870,8 @@ def verify_checkpoint(path, rank=0, world=1):
     wrong_size = [n for n in names if os.path.getsize(os.path.join(path, n)) != expected[n][0]]
     if wrong_size:
         n = wrong_size[0]
-        return f"{os.path.join(path, n)} has {os.path.getsize(os.path.join(path, n))} bytes, the manifest says {expected[n][0]}"
+        return (f"{os.path.join(path, n)} has {os.path.getsize(os.path.join(path, n))} bytes, "
+                f"the manifest says {expected[n][0]}")
     got = shared_digests(path, names, rank, world)
     bad = [n for n in names if got[n][1] != expected[n][1]]
     return f"{os.path.join(path, bad[0])} does not match its sha256 in the manifest" if bad else None
@@ -1056,7 +1063,8 @@ def load_checkpoint(path, engine, model, opt, sched, rank, universal=None):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", type=int, choices=[1, 2], required=True,
-                   help="1: legal + general data from the base model; 2: high-quality legal data from stage 1's weights")
+                   help="1: legal + general data from the base model; "
+                   "2: high-quality legal data from stage 1's weights")
     p.add_argument("--model", help="starting weights (HF folder or hub id). Default: internlm/internlm2-chat-7b for "
                    "stage 1, <out-dir>/stage1/final for stage 2. InternLM2 checkpoints are converted to the Llama "
                    "layout first (into <out-dir>/base-llama). A config .json (e.g. demo_data/tiny_llama.json) "
@@ -1068,38 +1076,50 @@ def parse_args(argv=None):
                    "documents longer than --max-len split into --max-len pieces. Uses --data's tokenizer/ if present, "
                    "else the model's")
     p.add_argument("--out-dir", default="out", help="runs go to <out-dir>/stage<N>/ (default %(default)s)")
-    p.add_argument("--max-len", type=int, default=32768, help="tokens per packed sequence (default %(default)s, as the paper)")
+    p.add_argument("--max-len", type=int, default=32768,
+                   help="tokens per packed sequence (default %(default)s, as the paper)")
     p.add_argument("--oversize", choices=["drop", "truncate"], default="drop",
-                   help="samples longer than --max-len: drop them, or keep their first --max-len tokens (counted either way)")
+                   help="samples longer than --max-len: drop them, or keep their first --max-len tokens "
+                   "(counted either way)")
     p.add_argument("--epochs", type=float, default=1.0, help="passes over the stage's data (default %(default)s)")
     p.add_argument("--max-steps", type=int, help="optimizer steps in all (overrides --epochs; the schedule follows it)")
     p.add_argument("--stop-after", type=int, help="end this invocation after N steps, saving a checkpoint, without "
                    "changing the schedule (for jobs split over several allocations)")
     p.add_argument("--grad-accum", type=int, default=1,
-                   help="packs per rank per optimizer step; global batch = world size x this x --max-len tokens (default %(default)s)")
+                   help="packs per rank per optimizer step; global batch = world size x this x --max-len tokens "
+                   "(default %(default)s)")
     p.add_argument("--lr", type=float, default=1e-5, help="peak learning rate (default %(default)s)")
-    p.add_argument("--min-lr-ratio", type=float, default=0.0, help="cosine decays to this fraction of --lr (default %(default)s)")
-    p.add_argument("--warmup-ratio", type=float, default=0.03, help="share of steps with linear warmup (default %(default)s)")
+    p.add_argument("--min-lr-ratio", type=float, default=0.0,
+                   help="cosine decays to this fraction of --lr (default %(default)s)")
+    p.add_argument("--warmup-ratio", type=float, default=0.03,
+                   help="share of steps with linear warmup (default %(default)s)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default %(default)s)")
     p.add_argument("--betas", type=float, nargs=2, default=[0.9, 0.95], help="AdamW betas (default 0.9 0.95)")
     p.add_argument("--clip", type=float, default=1.0, help="gradient norm clipping; 0 disables (default %(default)s)")
     p.add_argument("--loss-chunk", type=int, default=2048,
-                   help="tokens per lm_head + cross-entropy chunk; peak loss memory ~ chunk x vocab x 8 bytes (default %(default)s)")
+                   help="tokens per lm_head + cross-entropy chunk; peak loss memory ~ chunk x vocab x 8 bytes "
+                   "(default %(default)s)")
     p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
                    help="compute precision: bf16 (DeepSpeed bf16, or autocast with fp32 master weights without it) "
                    "or fp32 (auto: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--attn", default="auto",
-                   help="attention over packs: varlen (PyTorch's FlashAttention-2 varlen kernel, torch >= 2.10 on CUDA), "
-                   "varlen_reference (the same path with a per-sample sdpa loop), flash_attention_2 (the flash-attn "
-                   "package), sdpa, eager (auto: varlen on GPU, else flash_attention_2 if installed; sdpa on CPU)")
+                   help="attention over packs: varlen (PyTorch's FlashAttention-2 varlen kernel, torch >= 2.10 "
+                   "on CUDA), varlen_reference (the same path with a per-sample sdpa loop), flash_attention_2 (the "
+                   "flash-attn package), sdpa, eager (auto: varlen on GPU, else flash_attention_2 if installed; sdpa "
+                   "on CPU)")
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                    help="recompute activations in backward (default: on for GPU, off on CPU)")
+    p.add_argument("--checkpoint-every", type=int, default=1, metavar="K",
+                   help="with gradient checkpointing, recompute only every K-th decoder layer (1: all; a larger K "
+                   "keeps more activations in memory and recomputes less; default %(default)s)")
     p.add_argument("--deepspeed", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "ds_config.json"),
-                   help="DeepSpeed config; 'auto' values are filled from the flags (default: ds_config.json, ZeRO-3 bf16)")
+                   help="DeepSpeed config; 'auto' values are filled from the flags "
+                   "(default: ds_config.json, ZeRO-3 bf16)")
     p.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3],
                    help="override the config's ZeRO stage; 0 = no DeepSpeed: plain PyTorch (DDP under torchrun). "
                    "On CPU, if DeepSpeed fails to start, the plain loop is used and the reason logged")
-    p.add_argument("--save-every", type=int, default=200, help="checkpoint every N steps, and at the end (default %(default)s)")
+    p.add_argument("--save-every", type=int, default=200,
+                   help="checkpoint every N steps, and at the end (default %(default)s)")
     p.add_argument("--keep-last", type=int, default=2, help="checkpoints to keep (default %(default)s)")
     p.add_argument("--resume", default="auto", help="'auto': continue from the newest checkpoint in <run>/checkpoints "
                    "that verifies against its manifest (sizes and sha256), `latest` first; stops rather than start "
@@ -1112,10 +1132,12 @@ def parse_args(argv=None):
     p.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout (default %(default)s)")
     p.add_argument("--peak-tflops", type=float, help="accelerator peak TFLOP/s for the MFU estimate "
                    "(default: known bf16 dense peaks of A100/H100/H200; none on CPU)")
-    p.add_argument("--tensorboard", action="store_true", help="also log to <run>/tensorboard (needs the tensorboard package)")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also log to <run>/tensorboard (needs the tensorboard package)")
     p.add_argument("--seed", type=int, default=42, help="packing, shuffling and init seed (default %(default)s)")
     p.add_argument("--log-every", type=int, default=10, help="print a line every N steps (default %(default)s)")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow model/tokenizer code from the checkpoint folder")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow model/tokenizer code from the checkpoint folder")
     return p.parse_args(argv)
 
 
@@ -1485,6 +1507,24 @@ def load_stage_data(args, tokenizer):
     return ds, data_name, idx, sel_len, counts, max_id
 
 
+def checkpoint_layers(model, every):
+    """Gradient checkpointing on every `every`-th decoder layer (0, every, 2*every, ...): those
+    recompute their activations in backward, the others keep them. Every layer (every=1) needs the
+    least memory; on a GPU with memory to spare a larger `every` recomputes less. Returns how many
+    layers are checkpointed, e.g. "16/32 layers"."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+    if every < 1:
+        fail(f"--checkpoint-every {every}: give 1 or more (--no-gradient-checkpointing turns it off)")
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name warns there
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for i, layer in enumerate(layers):
+        layer.gradient_checkpointing = i % every == 0
+    return f"{sum(layer.gradient_checkpointing for layer in layers)}/{len(layers)} layers"
+
+
 def adamw(model, args):
     """AdamW with weight decay on matrices only, not on norms and biases (ZeRO-3 partitions keep
     the real shape in ds_shape: p.dim() is 1 for every partitioned parameter)."""
@@ -1506,7 +1546,7 @@ RESUME_REFUSED = {"stage", "model_resolved", "model_in_out_dir", "data", "cpt_da
                   "max_steps", "epochs", "seed", "lora", "lora_r", "lora_alpha", "lora_dropout", "zero_stage",
                   "compute_dtype"}
 RESUME_APPLIED = {"lr", "min_lr_ratio", "warmup_ratio", "weight_decay", "betas", "clip", "save_every", "keep_last",
-                  "loss_chunk", "gradient_checkpointing", "attn", "attention", "deepspeed"}
+                  "loss_chunk", "gradient_checkpointing", "checkpoint_every", "attn", "attention", "deepspeed"}
 RESUME_FREE = {"model", "out_dir", "resume", "stop_after", "log_every", "tensorboard", "peak_tflops",
                "trust_remote_code", "world_size", "grad_accum", "total_steps", "steps_per_epoch", "data_counts",
                "fill", "changes", "dtype"}  # dtype: as asked (auto); compute_dtype is what it resolved to
@@ -1522,7 +1562,8 @@ def compare_settings(saved, config, start, step):
         if key == "model_in_out_dir":  # compared through model_resolved above
             return None
         return cfg.get(key)
-    refused = {k: (value(saved, k), value(config, k)) for k in sorted(RESUME_REFUSED) if value(saved, k) != value(config, k)}
+    refused = {k: (value(saved, k), value(config, k)) for k in sorted(RESUME_REFUSED)
+               if value(saved, k) != value(config, k)}
     if refused:
         said = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in refused.items())
         fail(f"{start} belongs to a run with other settings ({said}). These define the run and cannot "
@@ -1536,7 +1577,7 @@ def apply_hyperparameters(opt, sched, args):
     and schedule, which the checkpoint restored with the old ones; the lr of the next step follows
     the (possibly new) schedule at the resumed step, as if the run had had these settings all along."""
     decay = [args.weight_decay, 0.0]  # adamw's two groups: matrices, then norms and biases
-    for group, wd in zip(opt.param_groups, decay, strict=True):
+    for group, wd in zip(opt.param_groups, decay, strict=False):  # a wrapper may have dropped an empty group
         group.update(betas=tuple(args.betas), weight_decay=wd, initial_lr=args.lr)
     sched.base_lrs = [args.lr] * len(opt.param_groups)
     for group, factor in zip(opt.param_groups, sched.lr_lambdas, strict=True):
@@ -1569,7 +1610,8 @@ def resume_step(args, start, run_dir, config, engine, model, opt, sched, rank, w
     for c in changes:
         log(f"warning: --{c['setting'].replace('_', '-')} changed since the run being resumed: {c['old']!r} -> "
             f"{c['new']!r}, applied from step {step + 1} on (recorded in train_config.json's \"changes\")")
-    log(f"resumed from {start}: {step} steps done" + (f", saved on {position['world_size']} rank(s)" if universal else ""))
+    log(f"resumed from {start}: {step} steps done"
+        + (f", saved on {position['world_size']} rank(s)" if universal else ""))
     return step
 
 
@@ -1622,7 +1664,8 @@ def main(argv=None):
     from tqdm import tqdm
     from transformers import AutoTokenizer
     ds_file = read_deepspeed_config(args.deepspeed)
-    zero_stage = args.zero_stage if args.zero_stage is not None else ds_file.get("zero_optimization", {}).get("stage", 0)
+    zero_stage = (args.zero_stage if args.zero_stage is not None
+                  else ds_file.get("zero_optimization", {}).get("stage", 0))
     tok_dir = check_inputs(args)
     if args.lora and zero_stage == 3:
         fail("--lora needs --zero-stage 0, 1 or 2 (merging adapters into ZeRO-3 shards is not supported)")
@@ -1697,7 +1740,7 @@ def main(argv=None):
              "the data was tokenized for another model (prepare_data.py --tokenizer)")
     grad_ckpt = args.gradient_checkpointing if args.gradient_checkpointing is not None else device.type == "cuda"
     if grad_ckpt:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        checkpointed = checkpoint_layers(model, args.checkpoint_every)
     peft_model = None
     if args.lora:
         from peft import LoraConfig, get_peft_model
@@ -1715,7 +1758,8 @@ def main(argv=None):
     opt = adamw(model, args)
 
     def make_schedule(optimizer):  # DeepSpeed calls it with its own wrapper of `opt`
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, total_steps, warmup, 1.0, args.min_lr_ratio))
+        return torch.optim.lr_scheduler.LambdaLR(optimizer,
+                                                 lambda s: lr_at(s, total_steps, warmup, 1.0, args.min_lr_ratio))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16" and zero_stage == 0)
     ddp = None
     if zero_stage > 0:
@@ -1735,14 +1779,16 @@ def main(argv=None):
         err = check_isolation(model)
     model.train()
     log(f"model: {model_path} ({n_params / 1e6:.1f}M params{', LoRA' if args.lora else ''}), attention {attn}, "
-        f"compute {dtype}, {'DeepSpeed ZeRO-' + str(zero_stage) if zero_stage else 'plain PyTorch' + (' DDP' if ddp else '')}, "
-        f"gradient checkpointing {'on' if grad_ckpt else 'off'}; packed-sample isolation checked (err {err:.1e})")
+        f"compute {dtype}, "
+        f"{'DeepSpeed ZeRO-' + str(zero_stage) if zero_stage else 'plain PyTorch' + (' DDP' if ddp else '')}, "
+        f"gradient checkpointing {checkpointed if grad_ckpt else 'off'}; "
+        f"packed-sample isolation checked (err {err:.1e})")
 
     # --- 7. restore the checkpoint, write the run's config, open the log, arm the signals
     in_out_dir = os.path.relpath(model_path, args.out_dir)
-    config = {**vars(args), "model_resolved": model_path, "world_size": world, "attention": attn, "compute_dtype": dtype,
-              "model_in_out_dir": None if in_out_dir.startswith("..") else in_out_dir, "changes": [],
-              "zero_stage": zero_stage, "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
+    config = {**vars(args), "model_resolved": model_path, "world_size": world, "attention": attn,
+              "compute_dtype": dtype, "model_in_out_dir": None if in_out_dir.startswith("..") else in_out_dir,
+              "changes": [], "zero_stage": zero_stage, "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
               "data_counts": counts, "fill": fill0}
     step = resume_step(args, start, run_dir, config, engine, model, opt, sched, rank, world, position)
     os.makedirs(run_dir, exist_ok=True)
@@ -1797,7 +1843,8 @@ def main(argv=None):
             t0 = time.time()
             # this rank's packs, collated; the loss is the mean over the step's trained tokens on all ranks
             batches, is_filler = rank_micro_batches(ds, idx, packs, step_packs, rank, args.max_len)
-            step_tokens = all_sum(sum(trained_tokens(b["labels"]) for b, f in zip(batches, is_filler, strict=True) if not f), device)
+            step_tokens = all_sum(sum(trained_tokens(b["labels"]) for b, f in zip(batches, is_filler, strict=True)
+                                      if not f), device)
             lr = sched.get_last_lr()[0]
             # forward and backward of every micro-batch
             loss_sum = forward_backward(runner, batches, is_filler, step_tokens, world, device, autocast)

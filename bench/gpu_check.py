@@ -72,7 +72,8 @@ def check_isolation(smoke):
     kernel_fig = {}
     if kernel is not None:
         g = torch.Generator(device=device).manual_seed(2)
-        heads, kv, d = shape["num_attention_heads"], shape["num_key_value_heads"], shape["hidden_size"] // shape["num_attention_heads"]
+        heads, kv, d = (shape["num_attention_heads"], shape["num_key_value_heads"],
+                        shape["hidden_size"] // shape["num_attention_heads"])
         q, k, v = (torch.randn(la + lb, n, d, generator=g, device=device, dtype=dtype) for n in (heads, kv, kv))
         cu = lambda *lens: torch.tensor([0, *lens], dtype=torch.int32, device=device).cumsum(0, dtype=torch.int32)  # noqa: E731
         with torch.no_grad():
@@ -175,7 +176,8 @@ def generation_speed(model_dir, smoke):
     from transformers import AutoModelForCausalLM
     gpu = torch.cuda.is_available() and not smoke
     device = torch.device("cuda" if gpu else "cpu")
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if gpu else torch.float32).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir,
+                                                 dtype=torch.bfloat16 if gpu else torch.float32).to(device).eval()
     batch, prompt, new = (2, 64, 16) if smoke else (8, 1024, 256)
     ids = torch.randint(3, model.config.vocab_size, (batch, prompt), device=device)
     with torch.no_grad():

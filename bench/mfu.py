@@ -69,6 +69,8 @@ def main():
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default %(default)s)")
     p.add_argument("--no-optimizer", action="store_true", help="bf16 weights, forward + backward only")
     p.add_argument("--no-gradient-checkpointing", action="store_true")
+    p.add_argument("--checkpoint-every", type=int, default=1, metavar="K",
+                   help="train.py's --checkpoint-every: recompute every K-th decoder layer only (default 1: all)")
     p.add_argument("--attn", default="auto", help="train.py's --attn (default auto: varlen on a GPU, sdpa on CPU)")
     p.add_argument("--peak-tflops", type=float, help="override the accelerator's bf16 peak")
     p.add_argument("--json", metavar="FILE", help="also write the figures to FILE (bench/gpu_check.py reads it)")
@@ -85,8 +87,9 @@ def main():
     torch.manual_seed(0)
     with torch.device(device):
         model = LlamaForCausalLM(cfg).to(weights)
+    checkpointed = "off"
     if not a.no_gradient_checkpointing and gpu:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        checkpointed = train.checkpoint_layers(model, a.checkpoint_every)
     model.train()
     runner = train.PackedLM(model, 2048)
     opt = None if a.no_optimizer else torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95))
@@ -121,12 +124,13 @@ def main():
                  "fp32 master weights + bf16 autocast" if gpu else "fp32")
     print(f"{a.shape} ({train.count_params(model) / 1e6:,.0f}M params), {where}, attention {attn}, "
           f"{precision}, {'no optimizer' if a.no_optimizer else 'AdamW'}, "
-          f"gradient checkpointing {'off' if a.no_gradient_checkpointing or not gpu else 'on'}")
+          f"gradient checkpointing {checkpointed}")
     print(f"{a.steps} packs of <= {a.max_len} tokens (fill {tokens / (a.steps * a.max_len):.1%}): "
           f"{tokens / dt:,.0f} tokens/s/device, {tflops:.1f} model TFLOP/s"
           + (f", MFU {tflops / peak:.1%} of {peak:.0f}" if peak else "")
           + (f", peak memory {mem:.1f} GiB" if mem is not None else ""))
     figures = {"shape": a.shape, "params_m": train.count_params(model) / 1e6, "device": where, "attention": attn,
+               "gradient_checkpointing": checkpointed,
                "precision": precision, "optimizer": not a.no_optimizer, "max_len": a.max_len, "steps": a.steps,
                "fill": tokens / (a.steps * a.max_len), "tokens_per_s_per_device": tokens / dt,
                "model_tflops": tflops, "mfu": tflops / peak if peak else None, "peak_memory_gib": mem}

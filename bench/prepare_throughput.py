@@ -151,7 +151,8 @@ def main():
             dropped[k] = dropped.get(k, 0) + v
     print(f"kept {kept}, dropped {dropped}; stage1 rows {rep['stages']['stage1']['rows']}, "
           f"{rep['stages']['stage1']['tokens'] / 1e6:.1f} M tokens")
-    print("| processes | wall s | records/s | read s | tokenize + rules s | dedup s | write s | 1M records (extrapolated) |")
+    print("| processes | wall s | records/s | read s | tokenize + rules s | dedup s | write s "
+          "| 1M records (extrapolated) |")
     print("|---|---|---|---|---|---|---|---|")
     for n, r in runs.items():
         rps = args.records / r["wall"]
@@ -192,7 +193,8 @@ def main():
     per = lambda fn, items: timed(fn, items) * len(items) / n
     costs = {
         "chat template + tokenize + label spans": per(tokenize, batches),
-        "normalise (NFKC, letters and digits)": timed(lambda msgs: P.normalise("\n".join(m["content"] for m in msgs)), sample),
+        "normalise (NFKC, letters and digits)": timed(lambda msgs: P.normalise("\n".join(m["content"] for m in msgs)),
+                                                      sample),
         "non_chinese (CJK ratio)": timed(lambda msgs: P.cjk_ratio("\n".join(m["content"] for m in msgs)), sample),
         "repetition (Gopher rules, jieba only past the 5-gram prescreen)": timed(P.repetition_rule, replies),
         "refusal phrases": timed(lambda r: any(p in r.lower() for p in P.REFUSAL_PHRASES), replies),

@@ -47,9 +47,11 @@ def main():
     ap.add_argument("--num-proc", type=int, default=2, help="worker processes for the full run (default 2)")
     ap.add_argument("--sentences", type=int, default=40, help="2-1 sentences per model for the alignment comparison")
     ap.add_argument("--before-2-1", default="af881d9",
-                    help="commit whose cherrant.py part 5 compares against (default af881d9, before the batched, graph-based annotator)")
+                    help="commit whose cherrant.py part 5 compares against (default af881d9, before the batched, "
+                         "graph-based annotator)")
     ap.add_argument("--before", default="64019d0",
-                    help="commit whose whole tree part 6 compares against (default 64019d0, before the compiled aligner)")
+                    help="commit whose whole tree part 6 compares against (default 64019d0, before the compiled "
+                         "aligner)")
     ap.add_argument("--parts", default="1,2,3,4,5,6,7", help="which measurements to run (default 1,2,3,4,5,6,7)")
     args = ap.parse_args()
     preds = os.path.join(args.shared, "predictions")
@@ -139,7 +141,8 @@ def per_item_rouge(predictions, references):
     for i, (pred, ref) in enumerate(zip(predictions, references, strict=True)):
         hyp = " ".join(jieba.cut(pred))
         try:
-            scores.append(rouge.get_scores(hyp if hyp.strip() else "无内容", " ".join(jieba.cut(ref)))[0]["rouge-l"]["f"])
+            scores.append(rouge.get_scores(hyp if hyp.strip() else "无内容",
+                                           " ".join(jieba.cut(ref)))[0]["rouge-l"]["f"])
         except ValueError as exc:
             scores.append(0.0)
             errors.append((i, f"rouge_chinese: {exc}; scored 0"))
@@ -184,7 +187,8 @@ def literal_align_arrays(src, tgt):
 def whole_scorer_vs_straightforward(preds, num_proc):
     def score_all():
         t = time.time()
-        reports = {s: E.score_predictions(preds, s, num_proc=num_proc, progress=False) for s in ("zero_shot", "one_shot")}
+        reports = {s: E.score_predictions(preds, s, num_proc=num_proc, progress=False)
+                   for s in ("zero_shot", "one_shot")}
         return reports, time.time() - t
 
     ours, ours_t = score_all()

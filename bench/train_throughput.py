@@ -98,7 +98,8 @@ def run_ours(data, tokenizer_dir, max_len, gpu):
         torch.cuda.synchronize()
     dt = time.time() - t0
     return {"seconds": dt, "real_tokens": real, "computed_positions": computed, "steps": len(packs),
-            "samples": int(len(idx)), "peak_bytes": peak_memory(gpu), "fill": float(np.sum(sel_len)) / (len(packs) * max_len)}
+            "samples": int(len(idx)), "peak_bytes": peak_memory(gpu),
+            "fill": float(np.sum(sel_len)) / (len(packs) * max_len)}
 
 
 def run_baseline(data, tokenizer_dir, batch_size, max_len, gpu):
@@ -165,7 +166,8 @@ def run_trl(data, tokenizer_dir, max_len, gpu):
         # isolation, before any update: TRL's loss on its first pack vs its samples alone
         first = collate([trainer.train_dataset[0]])
         with torch.no_grad():
-            packed = model(**{k: v for k, v in first.items() if k in ("input_ids", "position_ids", "labels")}).loss.item()
+            packed = model(**{k: v for k, v in first.items()
+                              if k in ("input_ids", "position_ids", "labels")}).loss.item()
             starts = (first["position_ids"][0] == 0).nonzero().flatten().tolist() + [first["input_ids"].shape[1]]
             total = n = 0
             for a_, b_ in zip(starts, starts[1:], strict=False):
@@ -205,7 +207,8 @@ def subprocess_run(args):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", help="a prepare_data.py output folder (default: build the demo's in a temp folder)")
-    p.add_argument("--max-len", type=int, nargs="+", help="our pack lengths (default 512 1024 2048 on CPU, 32768 on GPU); "
+    p.add_argument("--max-len", type=int, nargs="+",
+                   help="our pack lengths (default 512 1024 2048 on CPU, 32768 on GPU); "
                    "the baseline drops samples longer than the largest")
     p.add_argument("--batch-size", type=int, help="baseline samples per batch (default 8 on CPU, 16 on GPU)")
     p.add_argument("--gpu", action="store_true")

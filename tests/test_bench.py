@@ -23,7 +23,8 @@ def test_gpu_check_runs_every_step_in_its_cpu_smoke_mode_and_refuses_without_a_g
                        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     report = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))
-    assert report["all_ok"] and set(report["steps"]) == {"isolation", "zero3_step", "mfu_7b", "loss_memory", "generation"}
+    assert report["all_ok"] and set(report["steps"]) == {"isolation", "zero3_step", "mfu_7b", "loss_memory",
+                                                         "generation"}
     iso = report["steps"]["isolation"]["figures"]
     assert iso["isolated"] and iso["attention"] == "varlen_reference" and iso["kernel_bitwise_equal"]
     z3 = report["steps"]["zero3_step"]["figures"]

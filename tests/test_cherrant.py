@@ -244,7 +244,8 @@ def test_a_far_from_source_answer_has_thousands_of_paths_but_one_edit_list(share
     # chatglm2-6b's published answer to a 2-1 item: the paths differ only inside runs that merge.
     import json
     import os
-    data = json.load(open(os.path.join(shared, "predictions", "zero_shot", "chatglm2-6b-hf", "2-1.json"), encoding="utf-8"))
+    data = json.load(open(os.path.join(shared, "predictions", "zero_shot", "chatglm2-6b-hf", "2-1.json"),
+                          encoding="utf-8"))
     checked = 0
     for it in data.values():
         src, pred, _ = E.cherrant_prepare(E.prompt_text(it["origin_prompt"]), it["prediction"], it["refr"])

@@ -21,7 +21,8 @@ def choice(pred, refr="正确答案：B。"):
 @pytest.fixture
 def preds(tmp_path):
     root = tmp_path / "preds"
-    write(str(root / "m1" / "1-2.json"), {"0": choice("B"), "1": choice("A"), "2": {"origin_prompt": "q", "refr": "正确答案：C。"}})
+    write(str(root / "m1" / "1-2.json"), {"0": choice("B"), "1": choice("A"),
+                                          "2": {"origin_prompt": "q", "refr": "正确答案：C。"}})
     write(str(root / "m1" / "3-6.json"), "{not json")
     write(str(root / "m1" / "notes.json"), {})
     write(str(root / "m2" / "1-2.json"), {"0": choice("B"), "1": choice("B"), "2": choice("")})

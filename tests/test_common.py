@@ -14,7 +14,8 @@ import pytest
 
 import common
 
-RECORDS = [{"id": 0, "prediction": "根据《中华人民共和国刑法》第二百六十四条，盗窃公私财物，数额较大的，处三年以下有期徒刑。"},
+RECORDS = [{"id": 0, "prediction": "根据《中华人民共和国刑法》第二百六十四条，"
+                                   "盗窃公私财物，数额较大的，处三年以下有期徒刑。"},
            {"id": 1, "prediction": "法条:刑法第264条"},
            {"id": 2, "prediction": "答案：B。理由：……"}]
 
@@ -35,7 +36,8 @@ def test_a_file_cut_at_any_byte_reads_as_its_complete_records(tmp_path):
         # a cut right before the newline leaves a whole object: it reads as complete too
         whole = complete + (cut + 1 in ends)
         assert common.read_jsonl(str(path)) == RECORDS[:whole], cut
-        assert common.read_jsonl_map(str(path), "id", "prediction") == {r["id"]: r["prediction"] for r in RECORDS[:whole]}
+        assert common.read_jsonl_map(str(path), "id", "prediction") == {r["id"]: r["prediction"]
+                                                                        for r in RECORDS[:whole]}
 
 
 def test_appending_after_a_cut_inside_a_character_starts_a_new_line(tmp_path):

@@ -97,7 +97,8 @@ def test_a_progress_file_torn_inside_a_character_resumes(tmp_path, tiny_chat_mod
     (killed / ".partial").mkdir(parents=True)
     (killed / ".generation.json").write_bytes((tmp_path / "straight" / ".generation.json").read_bytes())
     done = json.load(open(tmp_path / "straight" / "3-8.json", encoding="utf-8"))
-    lines = [json.dumps({"id": i, "prediction": done[str(i)]["prediction"]}, ensure_ascii=False).encode() for i in (0, 1)]
+    lines = [json.dumps({"id": i, "prediction": done[str(i)]["prediction"]}, ensure_ascii=False).encode()
+             for i in (0, 1)]
     torn = json.dumps({"id": 2, "prediction": "根据《中华人民共和国民法典》"}, ensure_ascii=False).encode()
     cut = torn.index("民".encode()) + 1  # one byte into a three-byte character
     (killed / ".partial" / "3-8.jsonl").write_bytes(b"\n".join(lines) + b"\n" + torn[:cut])
@@ -109,7 +110,8 @@ def test_a_progress_file_torn_inside_a_character_resumes(tmp_path, tiny_chat_mod
 
 
 def test_run_generates_then_scores(tmp_path, tiny_chat_model):
-    assert evaluate.main(["run", "--model", tiny_chat_model, "--lawbench-data", SLICE, "--out", str(tmp_path / "p" / "m"),
+    assert evaluate.main(["run", "--model", tiny_chat_model, "--lawbench-data", SLICE,
+                          "--out", str(tmp_path / "p" / "m"),
                           "--results", str(tmp_path / "r"), "--tasks", "2-1,3-6", "--limit", "3",
                           "--max-new-tokens", "8", "--quiet"]) == 0
     scores = json.load(open(tmp_path / "r" / "scores.json"))
@@ -137,7 +139,8 @@ def test_a_prediction_folder_in_use_by_another_run_is_refused_naming_it(tmp_path
         with pytest.raises(SystemExit, match=rf"{out} is in use by host \S+ pid {os.getpid()} since .*another --out"):
             generate(tiny_chat_model, out, "--tasks", "3-8", "--limit", "2")
         with pytest.raises(SystemExit, match=rf"{out} is in use by host .*use another --out"):
-            evaluate.main(["judge", "--predictions", os.path.join(ROOT, "lawbench_assets", "sample_predictions", "zero_shot"),
+            evaluate.main(["judge",
+                           "--predictions", os.path.join(ROOT, "lawbench_assets", "sample_predictions", "zero_shot"),
                            "--reference", "GPT4", "--limit", "1", "--judge-model", tiny_chat_model, "--out", str(out)])
     finally:
         held.close()

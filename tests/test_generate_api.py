@@ -97,7 +97,8 @@ def test_a_killed_client_resumes_without_asking_again_for_finished_items(tmp_pat
     done_before = len(finished)
     asked = []
     real = evaluate.chat_replies
-    monkeypatch.setattr(evaluate, "chat_replies", lambda c, m, p, todo, *a: (asked.extend(todo), real(c, m, p, todo, *a)))
+    monkeypatch.setattr(evaluate, "chat_replies",
+                        lambda c, m, p, todo, *a: (asked.extend(todo), real(c, m, p, todo, *a)))
     assert generate(trained, out, *common, "--api-base", server) == 0
     assert sorted(asked) == sorted(set(range(20)) - finished)
     assert (out / "3-8.json").read_bytes() == (tmp_path / "straight" / "3-8.json").read_bytes()
@@ -165,7 +166,8 @@ def test_requests_are_greedy_single_user_turns_retried_on_429_and_5xx(tmp_path, 
     for req in Flaky.calls:
         assert req["temperature"] == 0 and req["max_tokens"] == 33 and req["model"] == "judge-70b"
         assert len(req["messages"]) == 1 and req["messages"][0]["role"] == "user"  # no system prompt
-    assert {r["messages"][0]["content"] for r in Flaky.calls} == {d["instruction"] + "\n" + d["question"] for d in data[:2]}
+    assert {r["messages"][0]["content"] for r in Flaky.calls} == {d["instruction"] + "\n" + d["question"]
+                                                                  for d in data[:2]}
     preds = read(tmp_path / "p", "1-1")
     assert preds["0"]["prediction"] == "答：" + data[0]["instruction"][:4]
     # retries spent: one line naming the item and the status, nothing written as a reply

@@ -102,7 +102,8 @@ def test_win_rate_accounting_through_a_served_judge_equals_an_independent_count(
     for i in range(40):
         q = f"问题{i}：合同违约怎么办？" + ("拒答" if i % 13 == 5 else "")
         cites = {m: bool(rng.random() < p) for m, p in (("ours", 0.7), ("other", 0.3), ("GPT4", 0.5))}
-        answers = {m: f"{m}的回答{i}。" + ("法律依据：《民法典》第五百七十七条。" if c else "") for m, c in cites.items()}
+        answers = {m: f"{m}的回答{i}。" + ("法律依据：《民法典》第五百七十七条。" if c else "")
+                   for m, c in cites.items()}
         rows.append({"id": i, "question": q, "answers": answers})
         for m in ("ours", "other"):  # the stand-in's rule, applied directly
             expected[m].append("unparseable" if "拒答" in q else "win" if cites[m] and not cites["GPT4"]
@@ -150,7 +151,8 @@ def test_bad_judge_inputs_are_named(tmp_path, judge_server):
     with pytest.raises(SystemExit, match="--judge-model PATH or --judge-api-base"):
         E.main(["judge", "--questions", qfile, "--reference", "a", "--out", str(tmp_path / "o")])
     with pytest.raises(SystemExit, match="--reference nobody: neither a folder nor a model"):
-        E.main(["judge", "--predictions", SAMPLE, "--reference", "nobody", "--judge-model", "x", "--out", str(tmp_path / "o")])
+        E.main(["judge", "--predictions", SAMPLE, "--reference", "nobody", "--judge-model", "x",
+                "--out", str(tmp_path / "o")])
 
 
 # ---------------------------------------------------------------------------------------------

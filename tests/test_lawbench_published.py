@@ -13,7 +13,8 @@ import evaluate as E
 
 def published(shared, setting):
     with open(os.path.join(shared, "predictions", setting, "results.csv"), encoding="utf-8") as f:
-        return {(r["model_name"], r["task"]): (float(r["score"]), float(r["abstention_rate"])) for r in csv.DictReader(f)}
+        return {(r["model_name"], r["task"]): (float(r["score"]), float(r["abstention_rate"]))
+                for r in csv.DictReader(f)}
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +69,8 @@ def test_event_detection_and_trigger_words_on_lawbench_data(shared):
     # No published predictions exist for 2-9 / 2-10: check them against the data's own answers.
     for task in ("2-9", "2-10"):
         data = json.load(open(os.path.join(shared, "data", "zero_shot", f"{task}.json"), encoding="utf-8"))
-        perfect = [{"id": i, "prompt": d["question"], "prediction": d["answer"], "refr": d["answer"]} for i, d in enumerate(data)]
+        perfect = [{"id": i, "prompt": d["question"], "prediction": d["answer"], "refr": d["answer"]}
+                   for i, d in enumerate(data)]
         assert E.SCORERS[task](perfect)["score"] == pytest.approx(1.0, abs=1e-9)
         empty = [dict(it, prediction="") for it in perfect]
         r = E.SCORERS[task](empty)

@@ -105,7 +105,8 @@ def test_trigger_words_compare_position_by_position():
 def test_rouge_l_matches_rouge_chinese_and_scores_empty_answers_as_placeholder():
     import jieba
     from rouge_chinese import Rouge
-    preds = ["根据刑法第二百六十四条，盗窃公私财物数额较大的，处三年以下有期徒刑。", "", "好的！我来回答。这是违法的？是的。"]
+    preds = ["根据刑法第二百六十四条，盗窃公私财物数额较大的，处三年以下有期徒刑。", "",
+             "好的！我来回答。这是违法的？是的。"]
     refs = ["盗窃公私财物，数额较大的，处三年以下有期徒刑、拘役或者管制。", "应当承担责任。", "这是违法行为。"]
     ours, errors = E.rouge_l(preds, refs)
     hyps = [" ".join(jieba.cut(p)) or "无内容" for p in preds]
@@ -126,7 +127,8 @@ def test_fast_segmentation_is_jiebas_word_for_word(shared, statute_rows):
     texts = []
     for model in ("GPT4", "chatglm2-6b-hf"):
         for task in ("1-1", "2-7", "3-2", "3-8"):
-            items, _, _ = E.load_prediction_file(os.path.join(shared, "predictions", "zero_shot", model, f"{task}.json"))
+            items, _, _ = E.load_prediction_file(os.path.join(shared, "predictions", "zero_shot", model,
+                                                              f"{task}.json"))
             texts += [x for it in items for x in (it["prediction"], it["refr"])]
     texts += [t for _, _, t in statute_rows[::10]]
     texts += ["2018-2020年", "GB17485-2021", "002766.SZ", "www.thepaper.cn", "2.1.1条", "3.125in", "a+1与5%5",
@@ -148,7 +150,8 @@ def test_numeral_conversion_skips_only_texts_cn2an_leaves_unchanged(shared):
     texts = ["12个月", "第264条", "3.5万元", "1.5.2", "a1b", "廿", "半年", "两年", "负数", "百分之", "摄氏度", ""]
     for model in ("GPT4", "chatglm2-6b-hf"):
         for task in ("3-1", "3-4", "3-5"):
-            items, _, _ = E.load_prediction_file(os.path.join(shared, "predictions", "zero_shot", model, f"{task}.json"))
+            items, _, _ = E.load_prediction_file(os.path.join(shared, "predictions", "zero_shot", model,
+                                                              f"{task}.json"))
             texts += [it["prediction"] for it in items]
             if task == "3-1":
                 texts += [chunk for it in items for chunk in it["prediction"].split("、")]

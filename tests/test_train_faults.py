@@ -39,7 +39,8 @@ def ckpts(out):
 def stopped_at_6(demo_prepared, tiny, out):
     assert train.main(args(demo_prepared, tiny, out, "--stop-after", "6")) == 0
     root = ckpts(out)
-    assert sorted(d for d in os.listdir(root) if d.startswith("step-")) == ["step-0000002", "step-0000004", "step-0000006"]
+    assert sorted(d for d in os.listdir(root) if d.startswith("step-")) == ["step-0000002", "step-0000004",
+                                                                            "step-0000006"]
     manifest = json.load(open(os.path.join(root, "step-0000006", "manifest.json")))
     assert manifest["step"] == 6 and {"state.pt", "rng-0.pt"} <= set(manifest["files"])
     return root
@@ -141,7 +142,8 @@ def test_sigterm_during_a_save_lets_it_finish_then_checkpoints_and_stops(tmp_pat
         train.main(args(demo_prepared, tiny, tmp_path))
     root = ckpts(tmp_path)
     # the interrupted save completed and verifies; the step after it was checkpointed, then the run stopped
-    assert sorted(d for d in os.listdir(root) if d.startswith("step-")) == ["step-0000002", "step-0000004", "step-0000005"]
+    assert sorted(d for d in os.listdir(root) if d.startswith("step-")) == ["step-0000002", "step-0000004",
+                                                                            "step-0000005"]
     assert all(train.verify_checkpoint(os.path.join(root, d)) is None for d in ("step-0000004", "step-0000005"))
     assert open(os.path.join(root, "latest")).read() == "step-0000005"
     monkeypatch.setattr(train.torch, "save", real_save)
@@ -194,7 +196,8 @@ def test_a_second_run_on_a_busy_run_folder_is_refused_and_orphaned_workers_stop(
     # the folder is free again: the same command resumes where they stopped
     r = subprocess.run([sys.executable, train.__file__, *args(demo_prepared, tiny, out, "--max-steps", "1000")],
                        capture_output=True, text=True, env=env)
-    assert r.returncode != 0 and "other settings" in r.stderr, (r.stdout + r.stderr)[-3000:]  # a changed schedule is refused
+    # a changed schedule is refused
+    assert r.returncode != 0 and "other settings" in r.stderr, (r.stdout + r.stderr)[-3000:]
     r = subprocess.run(cmd[:6] + [str(next(PORT))] + cmd[7:], capture_output=True, text=True, env=env,
                        timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -133,14 +133,16 @@ def test_dynamic_ntk_rope_makes_a_sample_depend_on_a_longer_pack_mate_which_is_w
     assert (hidden_of_second_sample(dynamic_rope_model(32), 40, b) - alone).abs().max() > 5e-4
     cfg = model.config
     train.check_rope_with_packing(cfg, np.array([25, 7, 32]), "m")  # nothing longer than 32: allowed
-    with pytest.raises(SystemExit, match=r"dynamic RoPE.*1 of the 3 samples are longer than its 32 tokens.*--max-len 32"):
+    with pytest.raises(SystemExit,
+                       match=r"dynamic RoPE.*1 of the 3 samples are longer than its 32 tokens.*--max-len 32"):
         train.check_rope_with_packing(cfg, np.array([40, 7, 30]), "m")
     long = LlamaConfig(max_position_embeddings=4096, rope_parameters={
         "rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0] * 4, "long_factor": [2.0] * 4,
         "original_max_position_embeddings": 1024})
     with pytest.raises(SystemExit, match="longrope RoPE.*1024 tokens"):
         train.check_rope_with_packing(long, np.array([2000]), "m")
-    static = LlamaConfig(max_position_embeddings=32, rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4})
+    static = LlamaConfig(max_position_embeddings=32,
+                         rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4})
     train.check_rope_with_packing(static, np.array([64]), "m")  # linear scaling doesn't look at the length
 
 
@@ -228,7 +230,8 @@ def test_an_unknown_model_path_or_unreachable_hub_id_is_one_line_not_a_traceback
 
 SPECIALS = ["<|im_start|>", "<|im_end|>", "<|action_start|>", "<|action_end|>"]
 CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + "
-                 "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+                 "'<|im_end|>' + '\n' }}{% endfor %}"
+                 "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
 
 def make_internlm2_sentencepiece(path, texts, dummy_prefix):

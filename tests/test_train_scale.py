@@ -117,7 +117,8 @@ def test_zero3_gives_the_losses_and_weights_of_the_plain_ddp_path(tmp_path, demo
         w3 = load_file(str(tmp_path / name / "stage1" / "final" / "model.safetensors"))
         assert w3.keys() == w0.keys()
         for k in w0:
-            torch.testing.assert_close(w3[k], w0[k], atol=1e-5, rtol=0, msg=lambda m, name=name, k=k: f"{name} {k}: {m}")
+            torch.testing.assert_close(w3[k], w0[k], atol=1e-5, rtol=0,
+                                       msg=lambda m, name=name, k=k: f"{name} {k}: {m}")
 
 
 def test_final_folder_reloads_with_the_weights_deepspeed_reconstructs_from_its_shards(tmp_path, demo_prepared, tiny):
@@ -316,7 +317,8 @@ def test_lora_trains_only_adapters_and_saves_a_merged_model_and_the_adapter(tmp_
     merged = load_file(str(run / "final" / "model.safetensors"))
     base = load_file(os.path.join(tiny, "model.safetensors"))
     assert merged.keys() == base.keys()  # a plain Llama folder, adapters merged in
-    assert (merged["model.layers.0.self_attn.q_proj.weight"] - base["model.layers.0.self_attn.q_proj.weight"]).abs().max() > 0
+    assert (merged["model.layers.0.self_attn.q_proj.weight"]
+            - base["model.layers.0.self_attn.q_proj.weight"]).abs().max() > 0
     assert torch.equal(merged["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
     with pytest.raises(SystemExit, match="--lora needs"):
         train.main(["--stage", "1", *common(demo_prepared, tiny, out, "--lora", "--zero-stage", "3")])
