@@ -77,6 +77,30 @@ def demo_prepared(tmp_path_factory):
 # Shared helpers (import them from conftest): tiny models, training logs, SFT samples
 
 
+def tiny_model(kind="llama", attn="sdpa", vocab=97, seed=0, **extra):
+    """A tiny random causal LM in fp32, eval mode: Llama; Qwen2 (q/k/v biases, tied embeddings: a
+    second architecture family); Mistral (`sliding_window` in `extra`)."""
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
+    torch.manual_seed(seed)
+    common = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, **extra)
+    if kind == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**common))
+    elif kind == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**common, tie_word_embeddings=True))
+    else:
+        model = MistralForCausalLM(MistralConfig(**common))
+    model.config._attn_implementation = attn
+    return model.float().eval()
+
+
 def random_samples(n, seed=0, vocab=97, min_len=3, max_len=40):
     """Samples shaped like SFT data: a prompt (labels -100) followed by a reply (labels = ids)."""
     g = torch.Generator().manual_seed(seed)
@@ -317,3 +341,10 @@ def stand_in(handler):
 
 
 PORT = iter(range(29611, 29700))
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory, demo_prepared):
+    """A tiny random Llama saved with the demo data's tokenizer and chat template: the model the
+    training, resume and generation tests start from (read only)."""
+    return save_tiny_llama(str(tmp_path_factory.mktemp("tiny") / "llama"), os.path.join(demo_prepared, "tokenizer"))

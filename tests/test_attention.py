@@ -12,30 +12,13 @@ import types
 import pytest
 import torch
 from torch.nn.attention import varlen as torch_varlen_module
-from transformers import (
-    AutoModelForCausalLM,
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-)
+from transformers import AutoModelForCausalLM
 
 import train
-from conftest import assert_same_grads, grads, make_internlm2_checkpoint, random_samples
+from conftest import assert_same_grads, grads, make_internlm2_checkpoint, random_samples, tiny_model
 
 CPU, GPU = torch.device("cpu"), torch.device("cuda", 0)
 train.register_packed_attention()
-
-
-def tiny(kind, vocab=97, seed=0, **extra):
-    torch.manual_seed(seed)
-    common = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, **extra)
-    cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
-           "mistral": (MistralConfig, MistralForCausalLM)}[kind]
-    return cls[1](cls[0](**common)).float().eval()
 
 
 def loss_and_grads(model, attn, batch, autocast=False):
@@ -52,12 +35,12 @@ def loss_and_grads(model, attn, batch, autocast=False):
 
 @pytest.mark.parametrize("kind,extra", [
     ("llama", {}),
-    ("qwen2", {"tie_word_embeddings": True}),  # q/k/v biases, tied embeddings
+    ("qwen2", {}),  # q/k/v biases, tied embeddings
     ("mistral", {"sliding_window": None}),
     ("mistral", {"sliding_window": 8}),  # samples up to 40 tokens: the window really cuts
 ])
 def test_varlen_slot_gives_the_losses_and_gradients_of_the_sdpa_path(kind, extra):
-    model = tiny(kind, **extra)
+    model = tiny_model(kind, **extra)
     batch = train.collate_pack(random_samples(6, seed=3), 512)
     assert int(batch["max_seqlen"]) > 8
     ref_loss, ref_grads = loss_and_grads(model, "sdpa", batch)
@@ -70,7 +53,7 @@ def test_varlen_slot_gives_the_losses_and_gradients_of_the_sdpa_path(kind, extra
 
 def test_a_sliding_window_is_applied_not_ignored():
     """With the window ignored the second half of a 40-token sample would see further back."""
-    model = tiny("mistral", sliding_window=8)
+    model = tiny_model("mistral", sliding_window=8)
     batch = train.collate_pack(random_samples(6, seed=3), 512)
     windowed, _ = loss_and_grads(model, "varlen_reference", batch)
     model.config.sliding_window = None
@@ -97,7 +80,7 @@ def test_a_converted_internlm2_loads_and_trains_through_the_varlen_slot(tmp_path
 def test_without_train_pys_boundaries_they_come_from_position_ids_and_rows():
     """A forker calling the model directly (no cu_seq_lens) still gets isolated samples: the
     boundaries are where position_ids restart, and every row of a batch starts one."""
-    model = tiny("llama")
+    model = tiny_model("llama")
     samples = random_samples(3, seed=6)
     b = train.collate_pack(samples, 512)
     with torch.no_grad():
@@ -113,7 +96,7 @@ def test_without_train_pys_boundaries_they_come_from_position_ids_and_rows():
 
 
 def test_the_packed_attention_refuses_what_it_is_not_for():
-    model = tiny("llama")
+    model = tiny_model("llama")
     model.set_attn_implementation("varlen_reference")
     ids = torch.tensor([[5, 6, 7, 8]])
     with pytest.raises(ValueError, match="no padding mask"):  # padding would otherwise be dropped silently
@@ -207,7 +190,7 @@ def test_a_model_through_each_release_matches_the_reference_kernel_under_bf16_au
     of RoPE in fp32 and must be cast, v is already bf16)."""
     fake, calls = fake_release(release)
     monkeypatch.setattr(torch_varlen_module, "varlen_attn", fake)
-    model = tiny("llama")
+    model = tiny_model("llama")
     batch = train.collate_pack(random_samples(5, seed=7), 512)
     loss, g = loss_and_grads(model, "varlen", batch, autocast=True)
     ref_loss, ref_grads = loss_and_grads(model, "varlen_reference", batch, autocast=True)

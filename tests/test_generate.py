@@ -12,10 +12,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SLICE = os.path.join(ROOT, "lawbench_assets", "data")
 
 
-@pytest.fixture(scope="module")
-def tiny_chat_model(tmp_path_factory, demo_prepared):
-    """A random tiny Llama with the demo tokenizer and its InternLM2-style chat template."""
-    return save_tiny_llama(str(tmp_path_factory.mktemp("gen") / "tiny"), os.path.join(demo_prepared, "tokenizer"))
+@pytest.fixture
+def tiny_chat_model(tiny):
+    """The tiny Llama with the demo tokenizer and its InternLM2-style chat template."""
+    return tiny
 
 
 def generate(model, out, *extra):

@@ -11,14 +11,9 @@ import shutil
 import pytest
 
 import train
-from conftest import read_log, save_tiny_llama
+from conftest import read_log
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory, demo_prepared):
-    return save_tiny_llama(str(tmp_path_factory.mktemp("resume") / "llama"), os.path.join(demo_prepared, "tokenizer"))
 
 
 def args(data, model, out, *extra):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
 
 import train
 from conftest import (
@@ -23,21 +23,10 @@ from conftest import (
     random_samples,
     read_log,
     save_tiny_llama,
+    tiny_model,
 )
 
 ATOL = RTOL = 1e-5
-
-
-def tiny_model(kind="llama", attn="sdpa", vocab=97, seed=0):
-    torch.manual_seed(seed)
-    common = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    if kind == "llama":
-        model = LlamaForCausalLM(LlamaConfig(**common))
-    else:  # Qwen2: q/k/v biases and tied embeddings, a second architecture family
-        model = Qwen2ForCausalLM(Qwen2Config(**common, tie_word_embeddings=True))
-    model.config._attn_implementation = attn
-    return model.float().eval()
 
 
 def per_sample_loss_sum(model, samples):

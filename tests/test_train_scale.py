@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from transformers import LlamaForCausalLM
 
 import train
-from conftest import PORT, read_log, save_tiny_llama
+from conftest import PORT, read_log
 
 pytestmark = pytest.mark.slow
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,11 +34,6 @@ def torchrun(args, nproc=2, wait=True, log=None, **kw):
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, **kw)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
     return out
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory, demo_prepared):
-    return save_tiny_llama(str(tmp_path_factory.mktemp("tiny") / "llama"), os.path.join(demo_prepared, "tokenizer"))
 
 
 def common(data, model, out, *extra):
