@@ -18,9 +18,10 @@ import tempfile
 
 
 def log(msg):
-    """A line for the user, on stderr, from rank 0 only (RANK, as torchrun sets it; the other ranks
-    would repeat it), written around any tqdm progress bar rather than through it."""
-    if int(os.environ.get("RANK", 0)) != 0:
+    """A line for the user, on stderr, from rank 0 only when several processes run (RANK and
+    WORLD_SIZE, as torchrun sets them; the other ranks would repeat it; a stray RANK alone, as some
+    job systems set, silences nothing), written around any tqdm progress bar, not through it."""
+    if int(os.environ.get("RANK", 0)) != 0 and int(os.environ.get("WORLD_SIZE", 1)) > 1:
         return
     try:
         from tqdm import tqdm
@@ -74,7 +75,8 @@ def read_jsonl(path):
 def read_jsonl_map(path, key, value):
     """{row[key]: row[value]} from an append-only JSONL file (read_jsonl); a row without the fields
     is skipped like a torn one."""
-    return {row[key]: row[value] for row in read_jsonl(path) if key in row and value in row}
+    return {row[key]: row[value] for row in read_jsonl(path)
+            if key in row and value in row and isinstance(row[key], (str, int, float, bool))}
 
 
 def open_jsonl_append(path):

@@ -1096,6 +1096,7 @@ def judge_records(pairs, model_path, cache_path, cfg, api=None):
     todo = sorted({k: i for i, k in enumerate(keys) if k not in cache}.values())
     prompts = {i: JUDGE_RUBRIC.format(prompt=pairs[i][0], response=pairs[i][1]) for i in todo}
     rank, world, device, barrier, total = setup_ranks(api=bool(api))
+    barrier()  # every rank has read the cache (and so agrees on `todo`) before any rank appends to it
     rank_share = todo[rank::world]
     rank_path = (cache_path if rank == 0 else f"{cache_path}.rank{rank}") if cache_path else os.devnull
     with open_jsonl_append(rank_path) as cf, \

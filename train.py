@@ -1605,8 +1605,9 @@ def resume_step(args, start, run_dir, config, engine, model, opt, sched, rank, w
         barrier()
         if rank == 0:
             shutil.rmtree(os.path.dirname(universal), ignore_errors=True)
-    if any(c["setting"] in ("lr", "min_lr_ratio", "warmup_ratio", "weight_decay", "betas") for c in changes):
-        apply_hyperparameters(opt, sched, args)
+    # Always, not only when they differ from train_config.json: a run that changed them and died before
+    # its next checkpoint has already recorded the new values there, while this checkpoint holds the old.
+    apply_hyperparameters(opt, sched, args)
     for c in changes:
         log(f"warning: --{c['setting'].replace('_', '-')} changed since the run being resumed: {c['old']!r} -> "
             f"{c['new']!r}, applied from step {step + 1} on (recorded in train_config.json's \"changes\")")
@@ -1714,6 +1715,8 @@ def main(argv=None):
     # --- 5. model (+ LoRA). Under ZeRO-3 DeepSpeed's config must exist before the weights load.
     dtype = args.dtype if args.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     attn = pick_attention(args.attn, device, args.max_len)
+    if attn == "varlen" and dtype == "fp32":
+        fail("--attn varlen computes in 16 bits and this run is --dtype fp32: use --dtype bf16, or --attn sdpa")
     engine = ds_keepalive = None
     if zero_stage > 0:
         try:

@@ -263,3 +263,12 @@ def test_auto_on_cpu_is_sdpa_and_says_nothing(machine, monkeypatch):
     said = []
     monkeypatch.setattr(train, "log", said.append)
     assert train.pick_attention("auto", CPU, 32768) == "sdpa" and said == []
+
+
+def test_varlen_with_an_fp32_run_is_refused_up_front(tmp_path, demo_prepared, tiny, monkeypatch):
+    """PyTorch's varlen kernel is 16-bit only: a GPU run asked for --dtype fp32 stops in one line
+    instead of failing inside the first attention layer."""
+    monkeypatch.setattr(train, "pick_attention", lambda *a: "varlen")  # what auto picks on a GPU
+    with pytest.raises(SystemExit, match="--attn varlen computes in 16 bits and this run is --dtype fp32"):
+        train.main(["--stage", "1", "--data", demo_prepared, "--model", tiny, "--out-dir", str(tmp_path),
+                    "--zero-stage", "0", "--dtype", "fp32", "--max-len", "512"])

@@ -91,3 +91,14 @@ def test_a_staging_folder_left_by_a_dead_process_is_removed_and_a_live_ones_kept
         assert sorted(os.listdir(tmp_path)) == ["final", f"final.tmp-{live.pid}"]
     finally:
         live.kill()
+
+
+def test_log_speaks_on_rank_0_of_several_and_whenever_one_process_runs(monkeypatch, capsys):
+    for rank, world, heard in (("0", "2", True), ("1", "2", False), ("1", None, True)):  # a stray RANK alone
+        monkeypatch.setenv("RANK", rank)
+        if world is None:
+            monkeypatch.delenv("WORLD_SIZE", raising=False)
+        else:
+            monkeypatch.setenv("WORLD_SIZE", world)
+        common.log("hello")
+        assert ("hello" in capsys.readouterr().err) == heard, (rank, world)

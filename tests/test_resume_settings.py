@@ -117,3 +117,22 @@ def test_a_copied_run_folder_resumes_where_the_original_stopped(tmp_path, demo_p
     assert "resumed from" in "".join(capsys.readouterr())
     assert [r["step"] for r in read_log(str(tmp_path / "b" / "stage1"))] == list(range(1, 9))
     assert config(tmp_path / "b")["model_in_out_dir"] == os.path.join("stage1", "init")
+
+
+def test_a_new_lr_holds_even_when_its_first_run_died_before_a_checkpoint(tmp_path, demo_prepared, tiny, monkeypatch):
+    """The run that lowered the lr recorded it in train_config.json and died (OOM, a lost node)
+    before its first save; the same command again must train at the new lr, not the checkpoint's."""
+    assert train.main(args(demo_prepared, tiny, tmp_path, "--stop-after", "5")) == 0
+
+    def crash(*a, **k):
+        raise RuntimeError("lost the node")
+    with monkeypatch.context() as m:
+        m.setattr(train, "forward_backward", crash)
+        with pytest.raises(RuntimeError, match="lost the node"):
+            train.main(args(demo_prepared, tiny, tmp_path, "--lr", "1e-4"))
+    assert config(tmp_path)["lr"] == 1e-4  # already recorded
+    assert train.main(args(demo_prepared, tiny, tmp_path, "--lr", "1e-4", "--stop-after", "2")) == 0
+    log = read_log(str(tmp_path / "stage1"))
+    assert [r["step"] for r in log] == list(range(1, 8))
+    for r in log[5:]:
+        assert r["lr"] == pytest.approx(cosine(r["step"] - 1, 30, int(0.05 * 30), 1e-4), rel=1e-9), r["step"]
