@@ -11,6 +11,7 @@ import contextlib
 import glob
 import json
 import os
+import re
 import shutil
 import stat
 import sys
@@ -92,6 +93,25 @@ def open_jsonl_append(path):
     if torn:
         out.write("\n")
     return out
+
+
+def rank_file(path, rank):
+    """The JSONL file rank `rank` appends to under torchrun, so that no two processes write one
+    file: `path` itself for rank 0 (and a single process), <stem>.rank<r><ext> beside it else."""
+    if rank == 0:
+        return path
+    stem, ext = os.path.splitext(path)
+    return f"{stem}.rank{rank}{ext}"
+
+
+def rank_files(path):
+    """`path` and every rank_file beside it that exists, whatever number of ranks wrote them (a
+    run may resume on another number of processes)."""
+    folder, name = os.path.split(path)
+    stem, ext = os.path.splitext(name)
+    pattern = re.compile(re.escape(stem) + r"\.rank\d+" + re.escape(ext))
+    names = sorted(os.listdir(folder or ".")) if os.path.isdir(folder or ".") else []
+    return [p for p in [path, *(os.path.join(folder, n) for n in names if pattern.fullmatch(n))] if os.path.exists(p)]
 
 
 def append_jsonl(f, rows):

@@ -72,6 +72,8 @@ from common import (
     log,
     model_fingerprint,
     open_jsonl_append,
+    rank_file,
+    rank_files,
     read_jsonl_map,
     setup_ranks,
     write_json,
@@ -945,18 +947,13 @@ def read_partial(path):
     return done
 
 
-def partial_path(partial_dir, task, rank):
-    """Rank 0 (and a single process) appends to <task>.jsonl, rank r to <task>.rank<r>.jsonl."""
-    return os.path.join(partial_dir, f"{task}.jsonl" if rank == 0 else f"{task}.rank{rank}.jsonl")
-
-
 def read_partials(partial_dir, task, n_items):
-    """{item id: prediction} from every rank's progress file of a task (a run may resume on
-    another number of processes, or through a server)."""
+    """{item id: prediction} from every rank's progress file of a task (<task>.jsonl, and
+    <task>.rank<r>.jsonl under torchrun: common.rank_file; a run may resume on another number of
+    processes, or through a server)."""
     done = {}
-    for name in sorted(os.listdir(partial_dir)) if os.path.isdir(partial_dir) else []:
-        if name == f"{task}.jsonl" or re.fullmatch(re.escape(task) + r"\.rank\d+\.jsonl", name):
-            done.update(read_partial(os.path.join(partial_dir, name)))
+    for path in rank_files(os.path.join(partial_dir, f"{task}.jsonl")):
+        done.update(read_partial(path))
     return {i: p for i, p in done.items() if i < n_items}
 
 
@@ -1041,7 +1038,7 @@ def cmd_generate(args):
         remaining = sorted((i for i in range(len(items)) if i not in done), key=lambda i: (-len(prompts[i]), i))
         rank_share = remaining[rank::world]
         barrier()  # all ranks have read the progress files before any appends to them
-        rank_path = partial_path(partial_dir, task, rank)
+        rank_path = rank_file(os.path.join(partial_dir, f"{task}.jsonl"), rank)
         truncated = 0
         with tqdm(total=len(items), initial=resumed, desc=f"{args.setting} {task}", unit="item",
                   disable=args.quiet or not master) as bar:
@@ -1061,9 +1058,8 @@ def cmd_generate(args):
             preds = {str(i): {"origin_prompt": [{"role": "HUMAN", "prompt": prompts[i]}],
                               "prediction": done[i], "refr": it["answer"]} for i, it in enumerate(items)}
             write_json(final, preds)
-            for name in os.listdir(partial_dir):  # every rank's, also those of an earlier run with more ranks
-                if name == f"{task}.jsonl" or re.fullmatch(re.escape(task) + r"\.rank\d+\.jsonl", name):
-                    os.unlink(os.path.join(partial_dir, name))
+            for path in rank_files(os.path.join(partial_dir, f"{task}.jsonl")):  # also an earlier run's ranks
+                os.unlink(path)
         barrier()
         meta["tasks"][task] = {"items": len(items), "resumed_items": resumed, "prompts_truncated": truncated}
     if master:

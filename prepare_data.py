@@ -74,6 +74,8 @@ from common import (
     model_fingerprint,
     open_jsonl_append,
     pack_best_fit,
+    rank_file,
+    rank_files,
     read_jsonl_map,
     setup_ranks,
     special_tokens,
@@ -1072,13 +1074,6 @@ def judge_key(judge, prompt, response):
     return hashlib.sha256(ident.encode()).hexdigest()
 
 
-def judge_cache_files(cache_path):
-    """The cache and the files torchrun ranks > 0 append to beside it (<cache>.rank<r>)."""
-    folder, name = os.path.split(os.path.abspath(cache_path))
-    names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
-    return [cache_path, *(os.path.join(folder, n) for n in names if re.fullmatch(re.escape(name) + r"\.rank\d+", n))]
-
-
 def judge_records(pairs, model_path, cache_path, cfg, api=None):
     """Scores (float or None) and raw outputs for [(prompt, response)], from the JSONL cache
     where present (a run can be killed and restarted), otherwise generated greedily: by a local
@@ -1088,9 +1083,8 @@ def judge_records(pairs, model_path, cache_path, cfg, api=None):
     The rubric is the same user turn. Returns (scores, outputs, number generated)."""
     from tqdm import tqdm
     judge = model_path if api else f"{os.path.abspath(model_path)}@{model_fingerprint(model_path)}"
-    files = judge_cache_files(cache_path) if cache_path else []
     cache = {}
-    for f in files:  # a line cut short by a killed run is graded again
+    for f in rank_files(cache_path) if cache_path else []:  # a line cut short by a kill is graded again
         cache.update(read_jsonl_map(f, "key", "output"))
     keys = [judge_key(judge, p, r) for p, r in pairs]
     todo = sorted({k: i for i, k in enumerate(keys) if k not in cache}.values())
@@ -1098,7 +1092,7 @@ def judge_records(pairs, model_path, cache_path, cfg, api=None):
     rank, world, device, barrier, total = setup_ranks(api=bool(api))
     barrier()  # every rank has read the cache (and so agrees on `todo`) before any rank appends to it
     rank_share = todo[rank::world]
-    rank_path = (cache_path if rank == 0 else f"{cache_path}.rank{rank}") if cache_path else os.devnull
+    rank_path = rank_file(cache_path, rank) if cache_path else os.devnull
     with open_jsonl_append(rank_path) as cf, \
             tqdm(total=len(todo), desc="judge", unit="pair", disable=None if rank == 0 else True) as bar:
         def keep(replies):
@@ -1115,7 +1109,7 @@ def judge_records(pairs, model_path, cache_path, cfg, api=None):
             generate_replies(model, tok, stop_ids, prompts, rank_share, cfg["judge_batch_size"],
                              cfg["judge_max_new_tokens"], keep)
     barrier()  # every rank's grades are on disk
-    for f in judge_cache_files(cache_path) if world > 1 else []:
+    for f in rank_files(cache_path) if world > 1 else []:
         cache.update(read_jsonl_map(f, "key", "output"))
     missing = [i for i, k in enumerate(keys) if k not in cache]
     if missing:

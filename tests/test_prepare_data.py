@@ -720,7 +720,7 @@ def test_under_torchrun_the_local_judge_is_split_over_the_ranks(tmp_path, bpe_to
     r = subprocess.run(cmd + ["--judge-model", good, "--judge-cache", str(tmp_path / "c2.jsonl")], env=env,
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
-    lines = [open(tmp_path / n, encoding="utf-8").read().splitlines() for n in ("c2.jsonl", "c2.jsonl.rank1")]
+    lines = [open(tmp_path / n, encoding="utf-8").read().splitlines() for n in ("c2.jsonl", "c2.rank1.jsonl")]
     assert len(lines[0]) == 4 and len(lines[1]) == 3  # 7 candidates dealt out over 2 ranks
     for name in ("stage1", "stage2"):
         assert open(tmp_path / "one" / name / "data-00000-of-00001.arrow", "rb").read() == \
