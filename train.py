@@ -8,6 +8,8 @@ input_ids / labels / length, labels -100 except on assistant replies).
     python prepare_data.py --recipe recipe.json --tokenizer /models/internlm2-chat-7b --out data/processed
     torchrun --nproc_per_node 8 train.py --stage 1 --model /models/internlm2-chat-7b
     torchrun --nproc_per_node 8 train.py --stage 2            # starts from out/stage1/final
+    # the paper's ablation arm: stage 1's and stage 2's data shuffled into one run (out/merged/)
+    torchrun --nproc_per_node 8 train.py --stage merged --model /models/internlm2-chat-7b
     # several nodes (the paper: 8 x 8 A100-80GB), the same command on each node:
     torchrun --nnodes 8 --node_rank $NODE_RANK --nproc_per_node 8 --master_addr $MASTER --master_port 29500 \
         train.py --stage 1 --model /models/internlm2-chat-7b
@@ -16,7 +18,7 @@ input_ids / labels / length, labels -100 except on assistant replies).
 DeepSpeed ZeRO-3 (bf16) from ds_config.json is the default; its "auto" values come from the flags.
 A killed or preempted run continues where it stopped when the same command is run again
 (--resume auto), also on another number of GPUs; SIGTERM writes a checkpoint first. Output:
-out/stage<N>/{log.jsonl, loss.png, train_config.json, checkpoints/, final/}; final/ is a Hugging
+out/stage<N>/ (or out/merged/): {log.jsonl, loss.png, train_config.json, checkpoints/, final/}; final/ is a Hugging
 Face folder (safetensors, 16-bit, tokenizer and chat template) that evaluate.py and stage 2 load.
 
 How a step works, and why:
@@ -1062,9 +1064,11 @@ def load_checkpoint(path, engine, model, opt, sched, rank, universal=None):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stage", type=int, choices=[1, 2], required=True,
+    p.add_argument("--stage", type=stage_arg, choices=[1, 2, "merged"], required=True,
                    help="1: legal + general data from the base model; "
-                   "2: high-quality legal data from stage 1's weights")
+                   "2: high-quality legal data from stage 1's weights; merged: the paper's one-run ablation arm, "
+                   "stage 1's and stage 2's data shuffled together into one run from the base model "
+                   "(into <out-dir>/merged/)")
     p.add_argument("--model", help="starting weights (HF folder or hub id). Default: internlm/internlm2-chat-7b for "
                    "stage 1, <out-dir>/stage1/final for stage 2. InternLM2 checkpoints are converted to the Llama "
                    "layout first (into <out-dir>/base-llama). A config .json (e.g. demo_data/tiny_llama.json) "
@@ -1349,11 +1353,11 @@ def check_inputs(args):
         if not (glob.glob(args.cpt_data) or os.path.isfile(args.cpt_data)):
             fail(f"--cpt-data {args.cpt_data}: no such files")
     else:
-        stage_dir = os.path.join(args.data, f"stage{args.stage}")
-        if not os.path.isdir(stage_dir):
-            fail(f"{stage_dir} not found: run prepare_data.py --out {args.data} first (or pass --data)")
-        if not os.path.isfile(os.path.join(stage_dir, "state.json")):  # what datasets' save_to_disk writes last
-            fail(f"{stage_dir} is not a saved dataset (no state.json: empty, or an interrupted copy); "
+        for stage_dir in stage_data_dirs(args):
+            if not os.path.isdir(stage_dir):
+                fail(f"{stage_dir} not found: run prepare_data.py --out {args.data} first (or pass --data)")
+            if not os.path.isfile(os.path.join(stage_dir, "state.json")):  # what datasets' save_to_disk writes last
+                fail(f"{stage_dir} is not a saved dataset (no state.json: empty, or an interrupted copy); "
                      f"run prepare_data.py --out {args.data} again")
     model = args.model
     tok_dir = os.path.join(args.data, "tokenizer")
@@ -1436,14 +1440,14 @@ def resolve_model(args, tok_dir, master):
     stage 1's final weights (stage 2). A hub id is downloaded; an InternLM2 checkpoint is
     converted once to the Llama layout; a config .json is initialised once (rank 0 writes, the
     others wait)."""
-    model_path = args.model or ("internlm/internlm2-chat-7b" if args.stage == 1
+    model_path = args.model or ("internlm/internlm2-chat-7b" if args.stage != 2  # stage 1, merged: the base model
                                 else os.path.join(args.out_dir, "stage1", "final"))
     if args.stage == 2 and args.model is None and not os.path.isdir(model_path):
         fail(f"stage 2 starts from stage 1's weights, but {model_path} does not exist "
                  "(run --stage 1 first, or pass --model)")
     if model_path.endswith(".json"):
         from transformers import AutoTokenizer
-        init = os.path.join(args.out_dir, f"stage{args.stage}", "init")
+        init = os.path.join(args.out_dir, run_name(args.stage), "init")
         if master:
             init_from_config(model_path, AutoTokenizer.from_pretrained(tok_dir), args.seed, init)
         barrier()
@@ -1458,6 +1462,23 @@ def resolve_model(args, tok_dir, master):
         barrier()
         model_path = converted
     return model_path
+
+
+def stage_arg(text):
+    """--stage: 1 and 2 as numbers (the code compares them), "merged" as itself."""
+    return int(text) if text in ("1", "2") else text
+
+
+def run_name(stage):
+    """The run's folder under --out-dir: stage1, stage2, or merged."""
+    return "merged" if stage == "merged" else f"stage{stage}"
+
+
+def stage_data_dirs(args):
+    """prepare_data.py's dataset folder(s) the stage trains on: the merged arm takes stage 1's and
+    stage 2's together (the paper's ablation: the same samples as the two-stage recipe, in one run)."""
+    names = ["stage1", "stage2"] if args.stage == "merged" else [f"stage{args.stage}"]
+    return [os.path.join(args.data, name) for name in names]
 
 
 def check_schema(ds, name):
@@ -1483,25 +1504,36 @@ def load_stage_data(args, tokenizer):
     (within --max-len, with trained tokens; --oversize decides the rest) and their counts."""
     from datasets import load_from_disk
     if args.cpt_data:
-        ds, cpt_counts = load_cpt_data(args.cpt_data, tokenizer, args.max_len)
+        ds, extra_counts = load_cpt_data(args.cpt_data, tokenizer, args.max_len)
         data_name = args.cpt_data
     else:
-        data_name = os.path.join(args.data, f"stage{args.stage}")
-        if not os.path.isdir(data_name):
-            fail(f"{data_name} not found: run prepare_data.py --out {args.data} first")
-        with open(os.path.join(data_name, "state.json")) as f:
-            empty = not json.load(f).get("_data_files")  # datasets cannot load a saved dataset of 0 rows
-        ds, cpt_counts = (None if empty else load_from_disk(data_name)), None
-        if empty or not len(ds):
-            fail(f"{data_name} has no rows: prepare_data.py kept no record for stage {args.stage} (its "
+        parts = []
+        for part in stage_data_dirs(args):
+            if not os.path.isdir(part):
+                fail(f"{part} not found: run prepare_data.py --out {args.data} first")
+            with open(os.path.join(part, "state.json")) as f:
+                empty = not json.load(f).get("_data_files")  # datasets cannot load a saved dataset of 0 rows
+            ds = None if empty else load_from_disk(part)
+            if empty or not len(ds):
+                fail(f"{part} has no rows: prepare_data.py kept no record for {os.path.basename(part)} (its "
                      f"{os.path.join(args.data, 'report.md')} says why; stage 2 takes high_quality sources only, or "
                      "others graded by --judge-model)")
+            check_schema(ds, part)
+            parts.append(ds)
+        extra_counts = None
+        if len(parts) > 1:  # merged: one dataset; the packer shuffles the two stages' samples together
+            from datasets import concatenate_datasets
+            columns = ["input_ids", "labels", "length"]
+            ds = concatenate_datasets([p.select_columns(columns) for p in parts])
+            extra_counts = {f"rows_{os.path.basename(p)}": len(d) for p, d in zip(stage_data_dirs(args), parts,
+                                                                                 strict=True)}
+        data_name = " + ".join(stage_data_dirs(args))
     check_schema(ds, data_name)
     lengths = ds.data.column("length").to_numpy().astype(np.int64)
     n_trained, n_within, max_id = scan_tokens(ds, args.max_len)
     idx, sel_len, counts = select_samples(lengths, n_trained, args.max_len, args.oversize, n_within)
-    if cpt_counts:
-        counts.update(cpt_counts)
+    if extra_counts:
+        counts.update(extra_counts)
     if not len(idx):
         fail(f"no trainable sample in {data_name} (counts: {counts})")
     return ds, data_name, idx, sel_len, counts, max_id
@@ -1682,7 +1714,7 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     np.random.seed(args.seed)
-    run_dir = os.path.join(args.out_dir, f"stage{args.stage}")
+    run_dir = os.path.join(args.out_dir, run_name(args.stage))
     ckpt_root = os.path.join(run_dir, "checkpoints")
     if master:  # one writer per run folder; held until this process ends
         run_lock, previous_holder = lock_folder(  # noqa: F841

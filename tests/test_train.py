@@ -476,3 +476,26 @@ def test_two_ranks_give_the_loss_and_weights_of_one_rank_with_the_same_global_ba
     for name in w0:
         assert (w1[name] - w0[name]).abs().max() > 1e-4, name  # training moved it
         torch.testing.assert_close(w1[name], w2[name], atol=1e-5, rtol=0, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.slow
+def test_the_merged_arm_trains_once_on_stage_1_and_stage_2_together_every_trained_token_once(tmp_path,
+                                                                                                  demo_prepared):
+    """The paper's one-run ablation: --stage merged starts from the base model, reads both stage
+    datasets, and one epoch trains exactly the tokens of stage 1 plus those of stage 2 (counted
+    here from the Arrow rows, independently of the packer and the collator)."""
+    from datasets import load_from_disk
+    base = save_tiny_llama(str(tmp_path / "tiny"), os.path.join(demo_prepared, "tokenizer"))
+    out = str(tmp_path / "out")
+    assert train.main(["--stage", "merged", "--data", demo_prepared, "--model", base, "--out-dir", out,
+                       "--max-len", "2048", "--epochs", "1", "--zero-stage", "0", "--log-every", "1000"]) == 0
+    assert sorted(os.listdir(out)) == ["merged"]  # not stage1/ or stage2/: the arms live side by side
+    rows = {s: load_from_disk(os.path.join(demo_prepared, s)) for s in ("stage1", "stage2")}
+    expected = sum(sum(1 for label in r["labels"][1:] if label != -100) for ds in rows.values() for r in ds)
+    log = read_log(os.path.join(out, "merged"))
+    assert sum(r["trained_tokens"] for r in log) == expected
+    cfg = json.load(open(os.path.join(out, "merged", "final", "train_config.json")))
+    assert cfg["stage"] == "merged" and cfg["model_resolved"] == base
+    assert cfg["data_counts"]["read"] == len(rows["stage1"]) + len(rows["stage2"]) == cfg["data_counts"]["kept"]
+    assert (cfg["data_counts"]["rows_stage1"], cfg["data_counts"]["rows_stage2"]) == (len(rows["stage1"]),
+                                                                                       len(rows["stage2"]))
