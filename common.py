@@ -3,9 +3,10 @@ common.py -- what prepare_data.py, train.py and evaluate.py all need: messages, 
 folder writes, append-only JSONL files, the chat template's end of turn, and generation -- in
 process (evaluate.py's LawBench replies and judge, prepare_data.py's judge: one copy of loading,
 dtype, batching, left padding, stop ids and the split over torchrun ranks) or through an
-OpenAI-compatible server. Standard library only at import (torch, transformers and openai are
-imported by the functions that use them), so importing it costs nothing (`evaluate.py score`
-never imports torch) and each script can be forked with just this file beside it.
+OpenAI-compatible server -- and charts that render Chinese. Standard library only at import
+(torch, transformers, openai and matplotlib are imported by the functions that use them), so
+importing it costs nothing (`evaluate.py score` never imports torch) and each script can be
+forked with just this file beside it.
 """
 import contextlib
 import glob
@@ -197,6 +198,40 @@ def pid_alive(pid):
 # Packing: train.py packs with it, prepare_data.py's report counts the packs train.py will make
 
 
+CJK_FONTS = ["Noto Sans CJK SC", "Noto Sans SC", "Source Han Sans SC", "WenQuanYi Micro Hei", "WenQuanYi Zen Hei",
+             "SimHei", "Microsoft YaHei", "PingFang SC", "Heiti SC", "AR PL UMing CN", "Droid Sans Fallback"]
+_CJK_WARNED = []
+
+
+def pyplot(text=""):
+    """matplotlib.pyplot, headless, with a Chinese font as fallback behind DejaVu Sans when one is
+    installed (matplotlib falls back glyph by glyph), so chart labels such as subject and task names
+    render instead of empty boxes. A font installed after matplotlib built its font cache is found
+    on disk. Without one, a chart whose `text` holds Chinese says so once (not once per glyph)."""
+    import warnings
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib import font_manager
+    installed = {f.name for f in font_manager.fontManager.ttflist}
+    if not any(name in installed for name in CJK_FONTS):
+        for path in font_manager.findSystemFonts():
+            if re.search(r"wqy|cjk|droidsansfallback|simhei|msyh|sourcehansans|notosanssc", path.lower()):
+                with contextlib.suppress(Exception):  # an unreadable font file is not our problem
+                    font_manager.fontManager.addfont(path)
+        installed = {f.name for f in font_manager.fontManager.ttflist}
+    cjk = [name for name in CJK_FONTS if name in installed]
+    plt.rcParams["font.family"] = ["DejaVu Sans", *cjk]  # a list: the generic "sans-serif" never falls back
+    if not cjk and re.search("[\u4e00-\u9fff]", text):
+        warnings.filterwarnings("ignore", message="Glyph .* missing from font")
+        if not _CJK_WARNED:
+            _CJK_WARNED.append(True)
+            log("warning: no Chinese font installed; Chinese labels in charts show as boxes "
+                "(Debian/Ubuntu: apt-get install fonts-wqy-microhei, or fonts-noto-cjk)")
+    return plt
+
+
 def pack_best_fit(lengths, max_len, seed=0, epoch=0):
     """Best-fit-decreasing bin packing of whole samples. Returns a list of packs, each an int64
     array of sample indices, in a shuffled order that depends only on (seed, epoch).
@@ -350,15 +385,22 @@ def load_generator(path, trust_remote_code, device):
     return model, tok, sorted(i for i in stop if i is not None)
 
 
+def as_messages(prompt):
+    """A prompt as chat messages: a text is one user turn; a list of {role, content} is kept."""
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+
+
 def generate_replies(model, tok, stop_ids, prompts, todo, batch_size, max_new_tokens, on_batch):
     """Greedy replies to prompts[i] for i in todo, each as one user turn of the model's chat
-    template, in batches; on_batch([(i, reply), ...]) after each. Longest prompts first: batches
-    of similar lengths waste no padding, and an out-of-memory error shows up in the first batch
-    rather than after an hour. Returns the number of prompts truncated to fit the context."""
+    template (or a dialogue: a list of {role, content}, e.g. few-shot examples as earlier turns),
+    in batches; on_batch([(i, reply), ...]) after each. Longest prompts first: batches of similar
+    lengths waste no padding, and an out-of-memory error shows up in the first batch rather than
+    after an hour. Returns the number of prompts truncated to fit the context. Without a chat
+    template a prompt is its plain text (a dialogue's turns joined by newlines)."""
     import torch
     limit = getattr(model.config, "max_position_embeddings", None)
-    texts = {i: tok.apply_chat_template([{"role": "user", "content": prompts[i]}], tokenize=False,
-                                        add_generation_prompt=True) if tok.chat_template else prompts[i] for i in todo}
+    texts = {i: tok.apply_chat_template(as_messages(prompts[i]), tokenize=False, add_generation_prompt=True)
+             if tok.chat_template else "\n".join(m["content"] for m in as_messages(prompts[i])) for i in todo}
     ids = {i: tok(t, add_special_tokens=not tok.chat_template)["input_ids"] for i, t in texts.items()}
     truncated = 0
     todo = sorted(todo, key=lambda i: -len(ids[i]))
@@ -424,17 +466,18 @@ def check_served(served, model, api_base):
 
 
 def chat_replies(client, model, prompts, todo, max_tokens, concurrency, on_reply):
-    """Greedy replies (temperature 0) to prompts[i] for i in todo, each sent as one user turn with
-    no system prompt, `concurrency` requests in flight. on_reply(i, text) runs in the caller's
-    thread as each reply arrives, so it can append to a resumable file without a lock. A request
-    that still fails after the client's retries stops the run; replies already given are kept."""
+    """Greedy replies (temperature 0) to prompts[i] for i in todo, each sent as one user turn (or
+    the dialogue a list of {role, content} gives) with no system prompt, `concurrency` requests in
+    flight. on_reply(i, text) runs in the caller's thread as each reply arrives, so it can append
+    to a resumable file without a lock. A request that still fails after the client's retries
+    stops the run; replies already given are kept."""
     from concurrent.futures import ThreadPoolExecutor, as_completed
 
     import openai
 
     def ask(i):
-        r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompts[i]}],
-                                           temperature=0, max_tokens=max_tokens)
+        r = client.chat.completions.create(model=model, messages=as_messages(prompts[i]), temperature=0,
+                                           max_tokens=max_tokens)
         return i, r.choices[0].message.content or ""
 
     pool = ThreadPoolExecutor(max_workers=max(1, concurrency))

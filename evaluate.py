@@ -72,6 +72,7 @@ from common import (
     log,
     model_fingerprint,
     open_jsonl_append,
+    pyplot,
     rank_file,
     rank_files,
     read_jsonl_map,
@@ -847,9 +848,7 @@ def write_csv(report, f):
 
 
 def plot_scores(report, f):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     models = list(report["models"])
     tasks = sorted({t for m in models for t in report["models"][m]["tasks"]}, key=task_sort_key)
     width = 0.8 / max(1, len(models))
@@ -957,16 +956,17 @@ def read_partials(partial_dir, task, n_items):
     return {i: p for i, p in done.items() if i < n_items}
 
 
-def generate_task(model, tok, stop_ids, prompts, done, partial_path, batch_size, max_new_tokens, bar, only=None):
-    """Greedy replies for the prompts not in `done` (and in `only`: this rank's share), appended
-    to partial_path batch by batch. Returns the number of prompts truncated to fit the context."""
+def generate_task(reply_fn, prompts, done, partial_path, bar, only=None):
+    """Replies for the prompts not in `done` (and in `only`: this rank's share), appended to
+    partial_path batch by batch. reply_fn(prompts, todo, on_batch) is the local model's greedy
+    generation (or CMMLU's perplexity choice). Returns the number of prompts truncated to fit."""
     todo = [i for i in range(len(prompts)) if i not in done and (only is None or i in only)]
     with open_jsonl_append(partial_path) as out:
         def on_batch(replies):
             done.update(replies)
             append_jsonl(out, [{"id": i, "prediction": text} for i, text in replies])
             bar.update(len(replies))
-        return generate_replies(model, tok, stop_ids, prompts, todo, batch_size, max_new_tokens, on_batch)
+        return reply_fn(prompts, todo, on_batch)
 
 
 def generate_task_api(client, model_name, prompts, done, partial_path, todo, concurrency, max_new_tokens, bar):
@@ -980,10 +980,40 @@ def generate_task_api(client, model_name, prompts, done, partial_path, todo, con
         chat_replies(client, model_name, prompts, todo, max_new_tokens, concurrency, on_reply)
 
 
+def origin_prompt(prompt):
+    """A prompt as OpenCompass's prediction files record it: a list of HUMAN/BOT turns (a single
+    string is one HUMAN turn; CMMLU's perplexity candidates are kept as {label: text})."""
+    if isinstance(prompt, str):
+        return [{"role": "HUMAN", "prompt": prompt}]
+    if isinstance(prompt, dict):
+        return prompt
+    return [{"role": "HUMAN" if m["role"] == "user" else "BOT", "prompt": m["content"]} for m in prompt]
+
+
+def prompt_chars(prompt):
+    """A prompt's length in characters: one text, the turns of a dialogue, or the longest candidate."""
+    if isinstance(prompt, str):
+        return len(prompt)
+    if isinstance(prompt, dict):
+        return max(map(len, prompt.values()))
+    return sum(len(m["content"]) for m in prompt)
+
+
 def cmd_generate(args):
-    from tqdm import tqdm
     tasks = parse_tasks(args.tasks) or list(TASKS)
     data = {t: load_lawbench_task(args.lawbench_data, args.setting, t)[:args.limit] for t in tasks}
+    jobs = {t: ([lawbench_prompt(it) for it in items], [it["answer"] for it in items]) for t, items in data.items()}
+    return generate_predictions(args, jobs, args.setting, set(TASKS))
+
+
+def generate_predictions(args, jobs, setting, known, reply_fn=None):
+    """The prediction folder --out for jobs {task: (prompts, answers)}: <task>.json per task in
+    LawBench's (and OpenCompass's) layout, generated in-process (torchrun-sharded) or through
+    --api-base. Resumable item by item; refuses a folder made by other weights, another setting
+    (`setting` names the benchmark too) or another reply length. `known`: the task file names of
+    this benchmark, to recognise a folder of unknown origin. reply_fn(model, tok, stop_ids) -> the
+    local reply function (default: greedy generation)."""
+    from tqdm import tqdm
     api = bool(args.api_base)
     rank, world, device, barrier, total = setup_ranks(api)
     master = rank == 0
@@ -993,14 +1023,15 @@ def cmd_generate(args):
         backend = {"backend": "api", "api_base": args.api_base, "chat_template": "the server's"}
     else:
         model, tok, stop_ids = load_generator(args.model, args.trust_remote_code, device)
-        if not tok.chat_template and master:
+        if not tok.chat_template and master and reply_fn is None:
             log(f"warning: {args.model} has no chat template; prompts are given as plain text")
         backend = {"backend": "transformers", "processes": world, "chat_template": bool(tok.chat_template)}
+        replies = (reply_fn or greedy_replies)(model, tok, stop_ids, args)
     if master:  # one writer per prediction folder (held until this process ends)
         out_lock, _ = lock_folder(args.out, "two generate runs must not write the same --out; wait for that one "  # noqa: F841
                                   "(or stop it: a rerun resumes), or use another --out")
     partial_dir = os.path.join(args.out, ".partial")
-    meta = {"model": args.model, "fingerprint": model_fingerprint(args.model, args.api_base), "setting": args.setting,
+    meta = {"model": args.model, "fingerprint": model_fingerprint(args.model, args.api_base), "setting": setting,
             "max_new_tokens": args.max_new_tokens, "decoding": "greedy", **backend}
     meta_path = os.path.join(args.out, ".generation.json")
     old_tasks = {}
@@ -1010,9 +1041,10 @@ def cmd_generate(args):
         diff = [k for k in ("fingerprint", "setting", "max_new_tokens") if old.get(k) != meta[k]]
         if diff:
             fail(f"{args.out} holds predictions made with other {', '.join(diff)} "
-                             f"({old.get('model')}); use another --out, or delete it to start over")
+                             f"({old.get('model')}, {old.get('setting')}); use another --out, or delete it to "
+                             "start over")
     elif os.path.isdir(args.out):
-        existing = [n for n in os.listdir(args.out) if n.endswith(".json") and n[:-5] in TASKS]
+        existing = [n for n in os.listdir(args.out) if n.endswith(".json") and n[:-5] in known]
         if existing or os.path.isdir(partial_dir):
             fail(f"{args.out} already holds predictions of unknown origin; use another --out")
     barrier()  # every rank has checked the folder before rank 0 writes into it
@@ -1022,60 +1054,65 @@ def cmd_generate(args):
     barrier()
     meta["tasks"] = {}
     started = time.time()
-    for task in tasks:
+    for task, (prompts, answers) in jobs.items():
         final = os.path.join(args.out, f"{task}.json")
-        items = data[task]
-        prompts = [lawbench_prompt(it) for it in items]
-        if os.path.exists(final) and len(json.load(open(final, encoding="utf-8"))) == len(items):
+        if os.path.exists(final) and len(json.load(open(final, encoding="utf-8"))) == len(prompts):
             before = old_tasks.get(task, {})  # what the run that finished it recorded
-            meta["tasks"][task] = {"items": len(items), "resumed": "complete",
+            meta["tasks"][task] = {"items": len(prompts), "resumed": "complete",
                                    **({"prompts_truncated": before["prompts_truncated"]}
                                       if "prompts_truncated" in before else {})}
             continue
-        done = read_partials(partial_dir, task, len(items))
+        done = read_partials(partial_dir, task, len(prompts))
         resumed = len(done)
         # this rank's share: the remaining items dealt out longest first, so every rank gets a similar load
-        remaining = sorted((i for i in range(len(items)) if i not in done), key=lambda i: (-len(prompts[i]), i))
+        remaining = sorted((i for i in range(len(prompts)) if i not in done),
+                           key=lambda i: (-prompt_chars(prompts[i]), i))
         rank_share = remaining[rank::world]
         barrier()  # all ranks have read the progress files before any appends to them
         rank_path = rank_file(os.path.join(partial_dir, f"{task}.jsonl"), rank)
         truncated = 0
-        with tqdm(total=len(items), initial=resumed, desc=f"{args.setting} {task}", unit="item",
+        with tqdm(total=len(prompts), initial=resumed, desc=f"{setting} {task}", unit="item",
                   disable=args.quiet or not master) as bar:
             if api:
                 generate_task_api(client, args.model, prompts, done, rank_path, rank_share, args.concurrency,
                                   args.max_new_tokens, bar)
             else:
-                truncated = generate_task(model, tok, stop_ids, prompts, done, rank_path, args.batch_size,
-                                          args.max_new_tokens, bar, only=set(rank_share))
+                truncated = generate_task(replies, prompts, done, rank_path, bar, only=set(rank_share))
         barrier()
         truncated = total(truncated)
         if master:
-            done = read_partials(partial_dir, task, len(items))
-            missing = [i for i in range(len(items)) if i not in done]
+            done = read_partials(partial_dir, task, len(prompts))
+            missing = [i for i in range(len(prompts)) if i not in done]
             if missing:
                 fail(f"{task}: no reply for items {missing[:10]}; run again to resume")
-            preds = {str(i): {"origin_prompt": [{"role": "HUMAN", "prompt": prompts[i]}],
-                              "prediction": done[i], "refr": it["answer"]} for i, it in enumerate(items)}
+            preds = {str(i): {"origin_prompt": origin_prompt(prompts[i]), "prediction": done[i], "refr": answer}
+                     for i, answer in enumerate(answers)}
             write_json(final, preds)
             for path in rank_files(os.path.join(partial_dir, f"{task}.jsonl")):  # also an earlier run's ranks
                 os.unlink(path)
         barrier()
-        meta["tasks"][task] = {"items": len(items), "resumed_items": resumed, "prompts_truncated": truncated}
+        meta["tasks"][task] = {"items": len(prompts), "resumed_items": resumed, "prompts_truncated": truncated}
     if master:
         if os.path.isdir(partial_dir) and not os.listdir(partial_dir):
             os.rmdir(partial_dir)
         elapsed = time.time() - started
         meta["generation_seconds"] = round(elapsed, 3)  # after loading the model: generation alone
         write_json(meta_path, meta)  # a dot-file: the scorer reads DIR/<task>.json only
-        n = sum(len(v) for v in data.values())
+        n = sum(len(p) for p, _ in jobs.values())
         resumed = sum(t.get("resumed_items", t["items"] if t.get("resumed") == "complete" else 0)
                       for t in meta["tasks"].values())
-        log(f"Generated {n - resumed} new predictions ({resumed} resumed) for {len(tasks)} task(s) in {elapsed:.0f} s "
+        log(f"Generated {n - resumed} new predictions ({resumed} resumed) for {len(jobs)} task(s) in {elapsed:.0f} s "
             f"({(n - resumed) / max(elapsed, 1e-9):.2f} items/s, "
             f"{'server ' + args.api_base if api else f'{world} process(es)'}) -> {args.out}")
     barrier()
     return 0
+
+
+def greedy_replies(model, tok, stop_ids, args):
+    """The local reply function: greedy generation in batches of --batch-size (common.py)."""
+    def replies(prompts, todo, on_batch):
+        return generate_replies(model, tok, stop_ids, prompts, todo, args.batch_size, args.max_new_tokens, on_batch)
+    return replies
 
 
 def cmd_run(args):
@@ -1088,6 +1125,353 @@ def cmd_run(args):
     # cmd_score reads its own flags: --predictions is what was just generated, --out its results
     score_args = argparse.Namespace(**{**vars(args), "predictions": predictions, "models": None, "out": results})
     return cmd_score(score_args)
+
+
+# ----------------------------------------------------------------------------------------------
+# CMMLU: general ability, the paper's claim that legal training keeps it. Scored as OpenCompass
+# scores it (open-compass/opencompass at a5acc4bb): configs/datasets/cmmlu/cmmlu_gen_c13365.py for
+# chat models (the question as a HUMAN turn, five dev examples as earlier turns answered
+# "答案是: X", greedy, the first capital letter of the reply is the answer: first_capital_postprocess
+# in utils/text_postprocessors.py) and cmmlu_ppl_8b9c76.py for base models (the candidate with the
+# lowest perplexity). Zero-shot is the same template without the examples. Subjects, Chinese
+# names and categories are CMMLU's own (haonan-li/CMMLU d6e7b716, src/categories.py; OpenCompass's
+# summarizer groups repeat them); a category's score and the overall score are plain means over
+# subjects, not over items, as OpenCompass's summarizer averages.
+
+CMMLU_SUBJECTS = {  # subject (CSV file name): (Chinese name, CMMLU subcategories)
+    "agronomy": ("农学", ["other"]),
+    "anatomy": ("解剖学", ["biology"]),
+    "ancient_chinese": ("古汉语", ["linguistics", "china specific"]),
+    "arts": ("艺术学", ["arts"]),
+    "astronomy": ("天文学", ["physics"]),
+    "business_ethics": ("商业伦理", ["business"]),
+    "chinese_civil_service_exam": ("中国公务员考试", ["politics", "china specific"]),
+    "chinese_driving_rule": ("中国驾驶规则", ["other", "china specific"]),
+    "chinese_food_culture": ("中国饮食文化", ["culture", "china specific"]),
+    "chinese_foreign_policy": ("中国外交政策", ["politics", "china specific"]),
+    "chinese_history": ("中国历史", ["history", "china specific"]),
+    "chinese_literature": ("中国文学", ["literature", "china specific"]),
+    "chinese_teacher_qualification": ("中国教师资格", ["education", "china specific"]),
+    "clinical_knowledge": ("临床知识", ["other"]),
+    "college_actuarial_science": ("大学精算学", ["math"]),
+    "college_education": ("大学教育学", ["education"]),
+    "college_engineering_hydrology": ("大学工程水文学", ["engineering"]),
+    "college_law": ("大学法律", ["law"]),
+    "college_mathematics": ("大学数学", ["math"]),
+    "college_medical_statistics": ("大学医学统计", ["statistics"]),
+    "college_medicine": ("大学医学", ["other"]),
+    "computer_science": ("计算机科学", ["computer science"]),
+    "computer_security": ("计算机安全", ["other"]),
+    "conceptual_physics": ("概念物理学", ["physics"]),
+    "construction_project_management": ("建设工程管理", ["other", "china specific"]),
+    "economics": ("经济学", ["economics"]),
+    "education": ("教育学", ["education"]),
+    "electrical_engineering": ("电气工程", ["engineering"]),
+    "elementary_chinese": ("小学语文", ["linguistics", "china specific"]),
+    "elementary_commonsense": ("小学常识", ["other", "china specific"]),
+    "elementary_information_and_technology": ("小学信息技术", ["other"]),
+    "elementary_mathematics": ("初等数学", ["math"]),
+    "ethnology": ("民族学", ["culture", "china specific"]),
+    "food_science": ("食品科学", ["other"]),
+    "genetics": ("遗传学", ["biology"]),
+    "global_facts": ("全球事实", ["global"]),
+    "high_school_biology": ("高中生物", ["biology"]),
+    "high_school_chemistry": ("高中化学", ["chemistry"]),
+    "high_school_geography": ("高中地理", ["geography"]),
+    "high_school_mathematics": ("高中数学", ["math"]),
+    "high_school_physics": ("高中物理学", ["physics"]),
+    "high_school_politics": ("高中政治", ["politics", "china specific"]),
+    "human_sexuality": ("人类性行为", ["other"]),
+    "international_law": ("国际法学", ["law"]),
+    "journalism": ("新闻学", ["sociology"]),
+    "jurisprudence": ("法理学", ["law"]),
+    "legal_and_moral_basis": ("法律与道德基础", ["other"]),
+    "logical": ("逻辑学", ["philosophy"]),
+    "machine_learning": ("机器学习", ["computer science"]),
+    "management": ("管理学", ["business"]),
+    "marketing": ("市场营销", ["business"]),
+    "marxist_theory": ("马克思主义理论", ["philosophy"]),
+    "modern_chinese": ("现代汉语", ["linguistics", "china specific"]),
+    "nutrition": ("营养学", ["other"]),
+    "philosophy": ("哲学", ["philosophy"]),
+    "professional_accounting": ("专业会计", ["business"]),
+    "professional_law": ("专业法学", ["law"]),
+    "professional_medicine": ("专业医学", ["other"]),
+    "professional_psychology": ("专业心理学", ["psychology"]),
+    "public_relations": ("公共关系", ["politics"]),
+    "security_study": ("安全研究", ["politics"]),
+    "sociology": ("社会学", ["culture"]),
+    "sports_science": ("体育学", ["other"]),
+    "traditional_chinese_medicine": ("中医中药", ["other", "china specific"]),
+    "virology": ("病毒学", ["biology"]),
+    "world_history": ("世界历史", ["history"]),
+    "world_religions": ("世界宗教", ["global"]),
+}
+CMMLU_CATEGORIES = {  # category: its subcategories (a subject may count in two: China specific overlaps)
+    "STEM": ["physics", "chemistry", "biology", "computer science", "math", "engineering", "statistics"],
+    "Humanities": ["history", "philosophy", "law", "arts", "literature", "global"],
+    "Social Science": ["linguistics", "business", "politics", "culture", "economics", "geography", "psychology",
+                       "education", "sociology"],
+    "Other": ["other"],
+    "China specific": ["china specific"],
+}
+CMMLU_COLUMNS = ["Question", "A", "B", "C", "D", "Answer"]  # after CMMLU's unnamed index column
+CMMLU_LABELS = ("A", "B", "C", "D")  # a tuple: "" in "ABCD" would be True
+
+
+def cmmlu_categories(subject):
+    subcats = CMMLU_SUBJECTS[subject][1]
+    return [c for c, members in CMMLU_CATEGORIES.items() if any(s in members for s in subcats)]
+
+
+def read_cmmlu_csv(path):
+    """[{question, A, B, C, D, answer}] from one CMMLU CSV: a header row (index, Question, A, B,
+    C, D, Answer), then one question per row. A missing column, a short row or an answer outside
+    A-D stops here, naming the file and line."""
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            rows = list(csv.reader(f))
+    except (OSError, UnicodeDecodeError) as exc:
+        fail(f"{path}: cannot read CMMLU CSV ({exc})")
+    if not rows:
+        fail(f"{path}:1: empty file; expected the header ,Question,A,B,C,D,Answer")
+    header = [h.strip().lstrip("\ufeff") for h in rows[0]]
+    missing = [c for c in CMMLU_COLUMNS if c not in header[1:]]
+    if missing:
+        fail(f"{path}:1: no {', '.join(missing)} column(s) in the header {rows[0]}; CMMLU's CSVs are "
+             f"index,{','.join(CMMLU_COLUMNS)}")
+    at = {c: header.index(c, 1) for c in CMMLU_COLUMNS}
+    items = []
+    for line, row in enumerate(rows[1:], 2):
+        if not row:
+            continue
+        if len(row) != len(header):
+            fail(f"{path}:{line}: {len(row)} fields, the header has {len(header)} (an unquoted comma or newline?)")
+        answer = row[at["Answer"]].strip()
+        if answer not in CMMLU_LABELS:
+            fail(f"{path}:{line}: answer {answer!r} is not one of A, B, C, D")
+        items.append({"question": row[at["Question"]], **{k: row[at[k]] for k in CMMLU_LABELS}, "answer": answer})
+    return items
+
+
+def load_cmmlu(data_dir, subjects, limit=None):
+    """{subject: (dev items, test items)} from a CMMLU data folder (DIR/dev/<subject>.csv and
+    DIR/test/<subject>.csv; a checkout's root, with data/ inside, also works)."""
+    if not os.path.isdir(os.path.join(data_dir, "dev")) and os.path.isdir(os.path.join(data_dir, "data", "dev")):
+        data_dir = os.path.join(data_dir, "data")
+    for split in ("dev", "test"):
+        if not os.path.isdir(os.path.join(data_dir, split)):
+            fail(f"--cmmlu-data {data_dir}: no {split}/ folder; expected CMMLU's data/ folder "
+                 "(dev/<subject>.csv and test/<subject>.csv)")
+    data = {}
+    for s in subjects:
+        dev, test = (os.path.join(data_dir, split, f"{s}.csv") for split in ("dev", "test"))
+        for path in (dev, test):
+            if not os.path.isfile(path):
+                fail(f"{path}: missing; CMMLU has one CSV per subject in dev/ and test/ (or pass --subjects)")
+        data[s] = (read_cmmlu_csv(dev), read_cmmlu_csv(test)[:limit])
+    return data
+
+
+def parse_subjects(spec):
+    subjects = spec.split(",") if spec else list(CMMLU_SUBJECTS)
+    unknown = [s for s in subjects if s not in CMMLU_SUBJECTS]
+    if unknown:
+        import difflib
+        hints = [f"{u} (did you mean {difflib.get_close_matches(u, CMMLU_SUBJECTS, 1)[0]}?)"
+                 if difflib.get_close_matches(u, CMMLU_SUBJECTS, 1) else u for u in unknown]
+        fail(f"unknown CMMLU subject(s) {', '.join(hints)}; the 67 subjects are the CSV names, e.g. agronomy")
+    return subjects
+
+
+def cmmlu_question(subject, item):
+    """OpenCompass's CMMLU question turn (cmmlu_gen_c13365.py's HUMAN prompt)."""
+    return (f"以下是关于{CMMLU_SUBJECTS[subject][0]}的单项选择题，请直接给出正确答案的选项。\n"
+            f"题目：{item['question']}\nA. {item['A']}\nB. {item['B']}\nC. {item['C']}\nD. {item['D']}")
+
+
+def cmmlu_dialogue(subject, item, examples):
+    """The generation prompt: each example a user turn and its answer "答案是: X" as the assistant's
+    turn, then the question. Every user turn ends in a newline, as OpenCompass's chat models
+    (HuggingFacewithChatTemplate, and its vLLM and LMDeploy wrappers) send them: their default
+    meta template merges an empty SYSTEM-as-HUMAN item into each HUMAN turn, joined by '\\n'."""
+    turns = []
+    for ex in examples:
+        turns += [{"role": "user", "content": cmmlu_question(subject, ex) + "\n"},
+                  {"role": "assistant", "content": f"答案是: {ex['answer']}"}]
+    return turns + [{"role": "user", "content": cmmlu_question(subject, item) + "\n"}]
+
+
+def cmmlu_candidates(subject, item, examples):
+    """The perplexity prompts, {label: text}, as cmmlu_ppl_8b9c76.py renders them for a base model:
+    the examples (each with its own answer) three newlines apart, five newlines, then the question
+    with each candidate answer."""
+    shots = "\n\n\n".join(f"{cmmlu_question(subject, ex)}\n答案是: {ex['answer']}" for ex in examples)
+    prefix = shots + "\n\n\n\n\n" if examples else ""
+    return {label: f"{prefix}{cmmlu_question(subject, item)}\n答案是: {label}" for label in CMMLU_LABELS}
+
+
+def first_capital(text):
+    """OpenCompass's first_capital_postprocess: the first upper-case character of the reply, any
+    letter (so "The answer is B" answers "T", wrong, in OpenCompass too), or "" when there is none."""
+    return next((c for c in text if c.isupper()), "")
+
+
+def perplexity_choices(model, tok, stop_ids, args):
+    """The local reply function of --mode ppl: for each item the label whose candidate text has the
+    lowest perplexity, OpenCompass's PPLInferencer with HuggingFaceBaseModel.get_ppl: the summed
+    next-token loss of the whole text divided by its number of tokens."""
+    import torch
+    limit = getattr(model.config, "max_position_embeddings", None)
+
+    def replies(prompts, todo, on_batch):
+        truncated = 0
+        for k in range(0, len(todo), args.batch_size):
+            batch = todo[k:k + args.batch_size]
+            rows = []
+            for i in batch:
+                for label in CMMLU_LABELS:
+                    ids = tok(prompts[i][label])["input_ids"]
+                    if limit and len(ids) > limit:  # keep the end: the question and the candidate
+                        ids, truncated = ids[-limit:], truncated + 1
+                    rows.append(ids)
+            width = max(map(len, rows))
+            pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+            input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=model.device)
+            mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=model.device)
+            with torch.no_grad():
+                logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits.float()
+            losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), input_ids[:, 1:],
+                                                       reduction="none") * mask[:, 1:]
+            ppl = (losses.sum(1) / mask.sum(1)).view(len(batch), len(CMMLU_LABELS)).tolist()
+            on_batch([(i, CMMLU_LABELS[min(range(len(CMMLU_LABELS)), key=row.__getitem__)])
+                      for i, row in zip(batch, ppl, strict=True)])
+        return truncated
+    return replies
+
+
+def read_cmmlu_predictions(path):
+    """[(prediction, gold)] from one subject's prediction file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        rows = [(str(v["prediction"]), v["refr"]) for _, v in sorted(data.items(), key=lambda kv: int(kv[0]))]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        fail(f"{path}: not a CMMLU prediction file ({{\"0\": {{prediction, refr}}, ...}}: {exc})")
+    return rows
+
+
+def score_cmmlu(pred_dir):
+    """Accuracy (0-100) per subject, per category and overall from a prediction folder of
+    `evaluate.py cmmlu` (<subject>.json), the answer of each reply taken by first_capital."""
+    meta_path = os.path.join(pred_dir, ".generation.json")
+    meta = json.load(open(meta_path, encoding="utf-8")) if os.path.exists(meta_path) else {}
+    subjects = {}
+    for s in CMMLU_SUBJECTS:
+        path = os.path.join(pred_dir, f"{s}.json")
+        if not os.path.isfile(path):
+            continue
+        rows = read_cmmlu_predictions(path)
+        answers = [first_capital(p) for p, _ in rows]
+        correct = sum(a == g for a, (_, g) in zip(answers, rows, strict=True))
+        subjects[s] = {"name": CMMLU_SUBJECTS[s][0], "n": len(rows), "correct": correct,
+                       "accuracy": 100.0 * correct / len(rows) if rows else None,
+                       "no_answer": sum(a not in CMMLU_LABELS for a in answers),
+                       "answers": dict(sorted(Counter(answers).items()))}
+    if not subjects:
+        fail(f"{pred_dir}: no CMMLU prediction files (<subject>.json, e.g. agronomy.json)")
+
+    def mean(names):
+        vals = [subjects[s]["accuracy"] for s in names if subjects[s]["accuracy"] is not None]
+        return sum(vals) / len(vals) if vals else None
+    categories = {c: {"accuracy": mean([s for s in subjects if c in cmmlu_categories(s)]),
+                      "subjects": sum(c in cmmlu_categories(s) for s in subjects)} for c in CMMLU_CATEGORIES}
+    return {"benchmark": "cmmlu", "setting": meta.get("setting"), "model": meta.get("model"),
+            "predictions": os.path.abspath(pred_dir), "overall": mean(subjects), "n_subjects": len(subjects),
+            "n_items": sum(r["n"] for r in subjects.values()), "categories": categories, "subjects": subjects,
+            "averaging": "plain mean over subjects (OpenCompass's naive_average), not over items",
+            "missing_subjects": [s for s in CMMLU_SUBJECTS if s not in subjects]}
+
+
+def cmmlu_markdown(report):
+    lines = [f"## CMMLU accuracy (%), {report['setting']}, {report['n_items']} questions, "
+             f"{report['n_subjects']} subjects\n\n| category | subjects | accuracy |\n|---|---:|---:|\n"]
+    for c, r in report["categories"].items():
+        lines.append(f"| {c} | {r['subjects']} | {_fmt(r['accuracy'])} |\n")
+    lines.append(f"| **overall** | {report['n_subjects']} | **{_fmt(report['overall'])}** |\n\n")
+    lines.append("| subject | 科目 | questions | correct | no answer | accuracy |\n|---|---|---:|---:|---:|---:|\n")
+    for s, r in report["subjects"].items():
+        lines.append(f"| {s} | {r['name']} | {r['n']} | {r['correct']} | {r['no_answer']} | {_fmt(r['accuracy'])} |\n")
+    return "".join(lines)
+
+
+def cmmlu_csv(report, f):
+    import io
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["setting", "level", "name", "chinese_name", "categories", "questions", "correct", "accuracy"])
+    w.writerow([report["setting"], "overall", "cmmlu", "", "", report["n_items"], "", repr(report["overall"])])
+    for c, r in report["categories"].items():
+        w.writerow([report["setting"], "category", c, "", "", "", "",
+                    "" if r["accuracy"] is None else repr(r["accuracy"])])
+    for s, r in report["subjects"].items():
+        w.writerow([report["setting"], "subject", s, r["name"], ";".join(cmmlu_categories(s)), r["n"], r["correct"],
+                    "" if r["accuracy"] is None else repr(r["accuracy"])])
+    f.write(buf.getvalue().encode("utf-8"))
+
+
+def plot_cmmlu(report, f):
+    """Per-subject accuracy, labelled with the Chinese subject names, coloured by category."""
+    plt = pyplot("".join(r["name"] for r in report["subjects"].values()))
+    order = list(CMMLU_CATEGORIES)
+    subjects = sorted(report["subjects"], key=lambda s: (order.index(cmmlu_categories(s)[0]), s))  # by category
+    colours = dict(zip(CMMLU_CATEGORIES, ("tab:blue", "tab:orange", "tab:green", "tab:gray", "tab:red"), strict=True))
+    fig, ax = plt.subplots(figsize=(8, max(3.0, 0.22 * len(subjects) + 1.5)))
+    ys = range(len(subjects))
+    first = [next(c for c in cmmlu_categories(s) if c != "China specific") for s in subjects]
+    ax.barh(list(ys), [report["subjects"][s]["accuracy"] or 0.0 for s in subjects],
+            color=[colours[c] for c in first])
+    ax.set_yticks(list(ys))
+    ax.set_yticklabels([f"{report['subjects'][s]['name']}{' *' if 'China specific' in cmmlu_categories(s) else ''}"
+                        for s in subjects], fontsize=8)
+    ax.set_ylim(len(subjects) - 0.5, -0.5)  # first subject on top
+    ax.axvline(25, color="black", linestyle=":", linewidth=1)
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("accuracy (%); dotted: chance (25%); * China specific")
+    ax.set_title(f"CMMLU {report['setting']}: overall {_fmt(report['overall'])}", fontsize=10)
+    from matplotlib.patches import Patch
+    ax.legend(handles=[Patch(color=colours[c], label=f"{c} {_fmt(report['categories'][c]['accuracy'])}")
+                       for c in CMMLU_CATEGORIES if c != "China specific"], fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(f, format="png", dpi=120)
+    plt.close(fig)
+
+
+def cmd_cmmlu(args):
+    subjects = parse_subjects(args.subjects)
+    data = load_cmmlu(args.cmmlu_data, subjects, args.limit)
+    if args.mode == "ppl" and args.api_base:
+        fail("--mode ppl scores the four candidates with the local model's own losses; it cannot go through "
+             "--api-base (use --mode gen, or load the model)")
+    if args.shots not in range(6):
+        fail(f"--shots {args.shots}: CMMLU's dev split has 5 examples per subject; give 0 to 5")
+    build = cmmlu_dialogue if args.mode == "gen" else cmmlu_candidates
+    jobs = {s: ([build(s, item, dev[:args.shots]) for item in test], [item["answer"] for item in test])
+            for s, (dev, test) in data.items()}
+    setting = f"cmmlu_{args.shots}shot_{args.mode}"
+    rc = generate_predictions(args, jobs, setting, set(CMMLU_SUBJECTS),
+                              reply_fn=perplexity_choices if args.mode == "ppl" else None)
+    if rc or int(os.environ.get("RANK", 0)) != 0:  # under torchrun, rank 0 scores
+        return rc
+    report = score_cmmlu(args.out)
+    results = args.results or os.path.join("results", os.path.basename(os.path.normpath(args.out)))
+    write_json(os.path.join(results, "cmmlu.json"), report)
+    atomic_write(os.path.join(results, "cmmlu.csv"), lambda f: cmmlu_csv(report, f))
+    atomic_write(os.path.join(results, "cmmlu.png"), lambda f: plot_cmmlu(report, f))
+    print(cmmlu_markdown(report))
+    log(f"CMMLU {setting}: {_fmt(report['overall'])} over {report['n_subjects']} subjects; wrote "
+        f"{os.path.join(results, 'cmmlu.json')}, cmmlu.csv, cmmlu.png")
+    return 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1244,9 +1628,7 @@ def judge_key(judge, question, answer_a, answer_b):
 
 
 def plot_winrates(result, f):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     names = list(result["models"])
     fig, ax = plt.subplots(figsize=(max(5, 1.4 * len(names) + 2), 4.5))
     bottom = [0.0] * len(names)
@@ -1371,6 +1753,28 @@ def cmd_judge(args):
     return 0
 
 
+def add_generation_flags(q, max_tokens_why):
+    """The flags every generating command shares: the model, its backend, batching and retries."""
+    q.add_argument("--model", required=True, help="Hugging Face model folder (e.g. out/stage2/final) or hub id; "
+                   "with --api-base, the name the server serves it under")
+    q.add_argument("--batch-size", type=int, default=8, help="prompts per generate() call (default %(default)s)")
+    q.add_argument("--max-new-tokens", type=int, default=1024,
+                   help=f"reply length limit (default %(default)s: {max_tokens_why})")
+    q.add_argument("--api-base", metavar="URL", help="generate through an OpenAI-compatible server instead of "
+                   "loading the model (vLLM, LMDeploy, SGLang, transformers serve), e.g. http://127.0.0.1:23333/v1")
+    q.add_argument("--api-key-env", metavar="VAR", help="environment variable holding the server's API key "
+                   "(default: none; local engines need none)")
+    q.add_argument("--concurrency", type=int, default=16,
+                   help="requests in flight with --api-base (default %(default)s)")
+    q.add_argument("--timeout", type=float, default=600.0,
+                   help="seconds per request with --api-base (default %(default)s)")
+    q.add_argument("--retries", type=int, default=5, help="retries of a request on connection errors, 429 and 5xx, "
+                   "with exponential backoff (default %(default)s)")
+    q.add_argument("--trust-remote-code", action="store_true",
+                   help="allow the checkpoint's own modelling code (needed for unconverted InternLM2)")
+    q.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="LawBench evaluation, scored exactly as LawBench's official scorer.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -1397,8 +1801,6 @@ def main(argv=None):
              cmd_generate),
             ("run", "generate LawBench predictions, then score them", cmd_run)):
         q = sub.add_parser(name, help=text, description=text)
-        q.add_argument("--model", required=True, help="Hugging Face model folder (e.g. out/stage2/final) or hub id; "
-                       "with --api-base, the name the server serves it under")
         q.add_argument("--lawbench-data", required=True, metavar="DIR",
                        help="LawBench's data folder: DIR/<setting>/<task>.json, "
                             "lists of {instruction, question, answer}")
@@ -1409,29 +1811,34 @@ def main(argv=None):
                             "(resumable: finished items are kept)")
         q.add_argument("--tasks", default=None, help="comma-separated task ids, e.g. 1-1,3-3 (default: all 20)")
         q.add_argument("--limit", type=int, default=None, help="only the first N items of each task (quick looks)")
-        q.add_argument("--batch-size", type=int, default=8, help="prompts per generate() call (default %(default)s)")
-        q.add_argument("--max-new-tokens", type=int, default=1024,
-                       help="reply length limit (default %(default)s: OpenCompass's max_out_len for LawBench, "
-                       "with which InternLM-Law was scored)")
-        q.add_argument("--api-base", metavar="URL", help="generate through an OpenAI-compatible server instead of "
-                       "loading the model (vLLM, LMDeploy, SGLang, transformers serve), e.g. http://127.0.0.1:23333/v1")
-        q.add_argument("--api-key-env", metavar="VAR", help="environment variable holding the server's API key "
-                       "(default: none; local engines need none)")
-        q.add_argument("--concurrency", type=int, default=16,
-                       help="requests in flight with --api-base (default %(default)s)")
-        q.add_argument("--timeout", type=float, default=600.0,
-                       help="seconds per request with --api-base (default %(default)s)")
-        q.add_argument("--retries", type=int, default=5, help="retries of a request on connection errors, 429 and 5xx, "
-                       "with exponential backoff (default %(default)s)")
-        q.add_argument("--trust-remote-code", action="store_true",
-                       help="allow the checkpoint's own modelling code (needed for unconverted InternLM2)")
-        q.add_argument("--quiet", action="store_true", help="no progress bars")
+        add_generation_flags(q, "OpenCompass's max_out_len for LawBench, with which InternLM-Law was scored")
         if name == "run":
             q.add_argument("--results", default=None, metavar="DIR",
                            help="where the scores go (default results/<name of --out>)")
             q.add_argument("--num-proc", type=int, default=None, help="scoring worker processes (default: all cores)")
             q.add_argument("--show-problems", type=int, default=20, metavar="N", help="input problems to print")
         q.set_defaults(func=func)
+    c = sub.add_parser("cmmlu", help="CMMLU general ability: generate (or rank by perplexity) and score, "
+                       "as OpenCompass does", description="General ability on CMMLU (67 subjects of Chinese "
+                       "four-option questions), prompted and scored as OpenCompass's cmmlu_gen_c13365 (chat models: "
+                       "examples as earlier turns, the reply's first capital letter is the answer) or cmmlu_ppl_8b9c76 "
+                       "(base models: the lowest-perplexity answer). Accuracy per subject, per category and overall "
+                       "(plain means over subjects).")
+    c.add_argument("--cmmlu-data", required=True, metavar="DIR",
+                   help="CMMLU's data folder: DIR/dev/<subject>.csv (the examples) and DIR/test/<subject>.csv")
+    c.add_argument("--shots", type=int, default=5,
+                   help="examples from dev before each question, 0-5 (default %(default)s, OpenCompass's)")
+    c.add_argument("--mode", choices=["gen", "ppl"], default="gen",
+                   help="gen: chat models answer (default); ppl: base models, the candidate with the lowest "
+                        "perplexity (in-process only)")
+    c.add_argument("--out", required=True, metavar="DIR",
+                   help="prediction folder: DIR/<subject>.json, OpenCompass's layout (resumable)")
+    c.add_argument("--results", default=None, metavar="DIR",
+                   help="where cmmlu.json, cmmlu.csv and cmmlu.png go (default results/<name of --out>)")
+    c.add_argument("--subjects", default=None, help="comma-separated subjects (CSV names; default: all 67)")
+    c.add_argument("--limit", type=int, default=None, help="only the first N questions of each subject")
+    add_generation_flags(c, "as for LawBench; the answer is the reply's first capital letter")
+    c.set_defaults(func=cmd_cmmlu)
     j = sub.add_parser("judge", help="pairwise LLM-judge win rate of each model against a reference model",
                        description="The paper's subjective evaluation: each model's answers against a reference's "
                        "(default: LawBench's published GPT-4 answers to the consultation task 3-8), judged by an LLM "

@@ -74,6 +74,7 @@ from common import (
     model_fingerprint,
     open_jsonl_append,
     pack_best_fit,
+    pyplot,
     rank_file,
     rank_files,
     read_jsonl_map,
@@ -1231,9 +1232,7 @@ def markdown_report(rep):
 
 
 def plot_lengths(lengths, max_len, title, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     if lengths:
         ax.hist(lengths, bins=np.logspace(0, math.log10(max(max(lengths), 10)), 50), color="#35608d")

@@ -65,6 +65,7 @@ from common import (
     lock_folder,
     log,
     pack_best_fit,
+    pyplot,
     read_jsonl,
     staged_folder,
     write_json,
@@ -789,9 +790,7 @@ def save_model(model, tokenizer, out, dtype=None, extra_files=None, state=None):
 
 def plot_loss(log_path, png):
     """Loss curve (and learning rate) of a run's log.jsonl, as a PNG."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     rows = read_jsonl(log_path)
     if not rows:
         return

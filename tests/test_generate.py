@@ -69,9 +69,9 @@ def test_a_killed_run_resumes_without_redoing_finished_items(tmp_path, tiny_chat
     rows = []
     real = evaluate.generate_task
 
-    def counting(model, tok, stop_ids, prompts, done, *a, only=None):
+    def counting(reply_fn, prompts, done, *a, only=None):
         rows.append(len([i for i in only if i not in done]))
-        return real(model, tok, stop_ids, prompts, done, *a, only=only)
+        return real(reply_fn, prompts, done, *a, only=only)
 
     monkeypatch.setattr(evaluate, "generate_task", counting)
     assert generate(tiny_chat_model, killed, "--tasks", "1-1,3-3", "--limit", "5") == 0

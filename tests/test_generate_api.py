@@ -119,6 +119,40 @@ def test_two_processes_under_torchrun_write_the_files_of_one(tmp_path, trained):
     assert json.load(open(tmp_path / "two" / ".generation.json"))["processes"] == 2
 
 
+CMMLU = os.path.join(ROOT, "cmmlu_assets", "data")
+
+
+def cmmlu(model, out, *extra):
+    return evaluate.main(["cmmlu", "--model", model, "--cmmlu-data", CMMLU, "--out", str(out), "--results",
+                          str(out) + "-results", "--subjects", "college_law,virology,arts", "--quiet", *extra])
+
+
+def test_cmmlu_five_shot_dialogues_get_the_same_replies_through_a_server(tmp_path, trained, server):
+    """The examples go to the server as earlier chat turns; its chat template must render them as the
+    in-process backend does, reply for reply."""
+    assert cmmlu(trained, tmp_path / "local", "--max-new-tokens", "16") == 0
+    assert cmmlu(trained, tmp_path / "api", "--max-new-tokens", "16", "--api-base", server) == 0
+    for s in ("college_law", "virology", "arts"):
+        assert (tmp_path / "api" / f"{s}.json").read_bytes() == (tmp_path / "local" / f"{s}.json").read_bytes()
+    local = json.load(open(str(tmp_path / "local") + "-results/cmmlu.json"))
+    api = json.load(open(str(tmp_path / "api") + "-results/cmmlu.json"))
+    assert local["subjects"] == api["subjects"] and local["overall"] == api["overall"]
+
+
+def test_cmmlu_perplexity_under_torchrun_writes_the_files_of_one_process(tmp_path, trained):
+    assert cmmlu(trained, tmp_path / "one", "--mode", "ppl", "--shots", "2", "--batch-size", "2") == 0
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        str(free_port()), os.path.join(ROOT, "evaluate.py"), "cmmlu", "--model", trained,
+                        "--cmmlu-data", CMMLU, "--out", str(tmp_path / "two"), "--results", str(tmp_path / "two-r"),
+                        "--subjects", "college_law,virology,arts", "--quiet", "--mode", "ppl", "--shots", "2",
+                        "--batch-size", "2"], env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for s in ("college_law", "virology", "arts"):
+        assert (tmp_path / "two" / f"{s}.json").read_bytes() == (tmp_path / "one" / f"{s}.json").read_bytes()
+    assert json.load(open(tmp_path / "two-r" / "cmmlu.json"))["n_items"] == 9
+
+
 def test_the_stage2_judge_grades_the_same_through_a_server(tmp_path, bpe_tokenizer):
     """prepare_data.py's judge: the same rubric, parser and cache through --judge-api-base."""
     sources = [src("hq", write_jsonl(tmp_path / "a.jsonl", rand_records(3, 1))),
