@@ -1753,6 +1753,243 @@ def cmd_judge(args):
     return 0
 
 
+# ----------------------------------------------------------------------------------------------
+# Comparing runs: the paper's ablations side by side (general share, one stage / two stages /
+# merged), from the result folders the commands above write.
+
+# InternLM-Law's published LawBench averages (arXiv 2406.14887, Table 2) and its base model's.
+PUBLISHED = {"InternLM-Law-7B (paper)": {"lawbench zero_shot": 67.71, "lawbench one_shot": 67.67},
+             "InternLM2-Chat-7B (paper)": {"lawbench zero_shot": 45.80, "lawbench one_shot": 48.53}}
+
+
+def parse_runs(specs):
+    """RUN arguments -> {name: folder}. A RUN is a folder (named by its last component) or
+    NAME=FOLDER. Two runs with one name, a missing folder: stop, naming them."""
+    runs = {}
+    for spec in specs:
+        name, _, folder = spec.rpartition("=") if "=" in spec else ("", "", spec)
+        name = name or os.path.basename(os.path.normpath(folder))
+        if not os.path.isdir(folder):
+            fail(f"{folder}: no such run folder")
+        if name in runs:
+            fail(f"two runs are named {name!r} ({runs[name]} and {folder}); name them: NAME=FOLDER")
+        runs[name] = folder
+    return runs
+
+
+def pick_model(path, models, run):
+    """The run's entry in a result file that may hold several models: the only one, or the one named
+    like the run."""
+    if len(models) == 1:
+        return next(iter(models))
+    if run in models:
+        return run
+    fail(f"{path} holds {len(models)} models ({', '.join(models)}) and none is named {run!r}: score the run's "
+         "own predictions into its folder, or name the run after its model (NAME=FOLDER)")
+
+
+def run_results(name, folder):
+    """{metric key: value} of one run: every LawBench scores.json, CMMLU cmmlu.json and judge
+    winrate.json under its folder. Keys: "lawbench <setting>" (AVG) and "lawbench <setting> <task>",
+    "cmmlu <setting>" and "cmmlu <setting> <category>", "winrate <reference>" (with "ci95")."""
+    found, origin = {}, {}
+
+    def put(key, value, path):
+        if key in origin and origin[key] != path:
+            fail(f"run {name!r} has two results for {key}: {origin[key]} and {path}; keep one (or compare them "
+                 "as two runs)")
+        found[key], origin[key] = value, path
+
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for fname in sorted(files):
+            if fname not in ("scores.json", "cmmlu.json", "winrate.json"):
+                continue
+            path = os.path.join(root, fname)
+            try:
+                with open(path, encoding="utf-8") as f:
+                    data = json.load(f)
+                if fname == "scores.json":
+                    entry = data["models"][pick_model(path, data["models"], name)]
+                    setting = data.get("setting") or "unknown_setting"
+                    put(f"lawbench {setting}", entry["averages"]["overall"], path)
+                    for task, r in entry["tasks"].items():
+                        put(f"lawbench {setting} {task}", r["score"], path)
+                elif fname == "cmmlu.json":
+                    put(f"cmmlu {data['setting']}", data["overall"], path)
+                    for cat, r in data["categories"].items():
+                        put(f"cmmlu {data['setting']} {cat}", r["accuracy"], path)
+                else:
+                    r = data["models"][pick_model(path, data["models"], name)]
+                    put(f"winrate {data['reference']}", {"rate": r["win_rate"], "ci95": r["win_rate_ci95"],
+                                                         "n": r["n"]}, path)
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+                fail(f"{path}: not a result file of evaluate.py ({type(exc).__name__}: {exc})")
+    if not found:
+        fail(f"{folder} (run {name!r}) holds no results: no scores.json (evaluate.py run/score), cmmlu.json "
+             "(evaluate.py cmmlu) or winrate.json (evaluate.py judge) under it")
+    return found
+
+
+def compare_columns(results):
+    """The headline metrics present in any run, in a fixed order: LawBench AVG per setting, CMMLU
+    overall per setting, win rate per reference."""
+    keys = {k for r in results.values() for k in r}
+    lawbench = sorted(k for k in keys if k.startswith("lawbench ") and len(k.split()) == 2)
+    cols = [k for s in ("zero_shot", "one_shot") for k in lawbench if k == f"lawbench {s}"]
+    cols += [k for k in lawbench if k not in cols]
+    cols += sorted(k for k in keys if k.startswith("cmmlu ") and len(k.split(" ", 2)) == 2)
+    return cols + sorted(k for k in keys if k.startswith("winrate "))
+
+
+def column_title(key):
+    parts = key.split(" ", 2)
+    if parts[0] == "lawbench":
+        return f"LawBench {parts[1].replace('_', '-')} AVG" if len(parts) == 2 else \
+            f"LawBench {parts[1].replace('_', '-')} {parts[2]}"
+    if parts[0] == "cmmlu":
+        setting = parts[1].replace("cmmlu_", "").replace("shot_", "-shot ")  # cmmlu_5shot_gen -> 5-shot gen
+        return f"CMMLU {setting}" + (f" {parts[2]}" if len(parts) == 3 else "")
+    return f"win rate vs {parts[1]} [95% CI]"
+
+
+def cell(value):
+    """A table cell: "" for a missing metric, 2 decimals, a win rate in % with its interval."""
+    if value is None:
+        return ""
+    if isinstance(value, dict):
+        if value["rate"] is None:
+            return ""
+        lo, hi = value["ci95"]
+        return f"{100 * value['rate']:.1f}%" + ("" if lo is None else f" [{100 * lo:.1f}-{100 * hi:.1f}]")
+    return f"{value:.2f}"
+
+
+def compare_markdown(results, cols):
+    rows = {**results, **PUBLISHED}
+    lines = ["## Runs side by side (scores 0-100; empty: not measured for that run)\n\n",
+             "| run | " + " | ".join(column_title(c) for c in cols) + " |\n",
+             "|---|" + "---:|" * len(cols) + "\n"]
+    for name, r in rows.items():
+        lines.append(f"| {name} | " + " | ".join(cell(r.get(c)) for c in cols) + " |\n")
+    cmmlu = [c.split()[1] for c in cols if c.startswith("cmmlu ")]
+    if cmmlu:
+        heads = [f"{n} {column_title('cmmlu ' + s)[6:]}" for s in cmmlu for n in results]
+        lines += ["\n## CMMLU per category (plain means over subjects)\n\n",
+                  "| category | " + " | ".join(heads) + " |\n", "|---|" + "---:|" * len(heads) + "\n"]
+        for c in CMMLU_CATEGORIES:
+            lines.append(f"| {c} | " + " | ".join(cell(results[n].get(f"cmmlu {s} {c}")) for s in cmmlu
+                                                   for n in results) + " |\n")
+    tasks = sorted({k.split()[2] for r in results.values() for k in r if k.startswith("lawbench ")
+                    and len(k.split()) == 3}, key=task_sort_key)
+    settings = [c.split()[1] for c in cols if c.startswith("lawbench ")]
+    if tasks:
+        heads = [f"{n} {s.replace('_', '-')}" for s in settings for n in results]
+        lines += ["\n## LawBench per task\n\n", "| task | name | " + " | ".join(heads) + " |\n",
+                  "|---|---|" + "---:|" * len(heads) + "\n"]
+        for t in tasks:
+            vals = [cell(results[n].get(f"lawbench {s} {t}")) for s in settings for n in results]
+            lines.append(f"| {t} | {TASKS[t][1]} | " + " | ".join(vals) + " |\n")
+    return "".join(lines)
+
+
+def compare_csv(results, runs, f):
+    """Long format: one line per (run, metric), the published reference values included."""
+    import io
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["run", "folder", "metric", "value", "ci95_low", "ci95_high", "n"])
+    for name, r in {**results, **PUBLISHED}.items():
+        for key, value in sorted(r.items()):
+            if isinstance(value, dict):
+                lo, hi = value["ci95"]
+                w.writerow([name, runs.get(name, "published"), key, "" if value["rate"] is None else
+                            repr(100 * value["rate"]), "" if lo is None else repr(100 * lo),
+                            "" if hi is None else repr(100 * hi), value["n"]])
+            else:
+                w.writerow([name, runs.get(name, "published"), key, "" if value is None else repr(value), "", "", ""])
+    f.write(buf.getvalue().encode("utf-8"))
+
+
+def plot_compare(results, cols, f):
+    """Left: the headline metrics, one bar per run (colour and hatch per run), the published
+    InternLM-Law and base-model LawBench averages as dashed marks. Right: LawBench per task of the
+    first setting measured, labelled with the tasks' Chinese names."""
+    names = list(results)
+    plt = pyplot("".join(v[1] for v in TASKS.values()) + "".join(names))
+    tasks_setting = next((c.split()[1] for c in cols if c.startswith("lawbench ")), None)
+    tasks = sorted({k.split()[2] for r in results.values() for k in r
+                    if tasks_setting and k.startswith(f"lawbench {tasks_setting} ")}, key=task_sort_key)
+    fig, axes = plt.subplots(1, 2 if tasks else 1, figsize=(16 if tasks else 9, 5.5),
+                             gridspec_kw={"width_ratios": [1, 1.6]} if tasks else None, squeeze=False)
+    colours = plt.get_cmap("tab10").colors
+    hatches = ["", "//", "..", "xx", "\\\\", "oo", "--", "++"]
+    width = 0.8 / max(1, len(names))
+    ax = axes[0][0]
+    for k, name in enumerate(names):
+        xs, ys, err = [], [], [[], []]
+        for i, c in enumerate(cols):
+            v = results[name].get(c)
+            if v is None or (isinstance(v, dict) and v["rate"] is None):
+                continue
+            y = 100 * v["rate"] if isinstance(v, dict) else v
+            lo, hi = (100 * v["ci95"][0], 100 * v["ci95"][1]) if isinstance(v, dict) and v["ci95"][0] is not None \
+                else (y, y)
+            xs.append(i + (k - (len(names) - 1) / 2) * width)
+            ys.append(y)
+            err[0].append(y - lo)
+            err[1].append(hi - y)
+        bars = ax.bar(xs, ys, width=width, color=colours[k % 10], hatch=hatches[k % len(hatches)],
+                      edgecolor="black", linewidth=0.5, label=name)
+        ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=2)
+        with_ci = [j for j in range(len(xs)) if err[0][j] or err[1][j]]
+        if with_ci:
+            ax.errorbar([xs[j] for j in with_ci], [ys[j] for j in with_ci], fmt="none", ecolor="black", capsize=3,
+                        yerr=[[err[0][j] for j in with_ci], [err[1][j] for j in with_ci]])
+    for (ref, values), style in zip(PUBLISHED.items(), ("--", ":"), strict=True):
+        for i, c in enumerate(cols):
+            if c in values:
+                ax.hlines(values[c], i - 0.45, i + 0.45, colors="black", linestyles=style, linewidth=1.2,
+                          label=ref if i == min(j for j, cc in enumerate(cols) if cc in values) else None)
+    ax.set_xticks(range(len(cols)))
+    ax.set_xticklabels([column_title(c).replace(" [95% CI]", "") for c in cols],
+                       rotation=35, ha="right", fontsize=8)
+    ax.set_ylim(0, 100)
+    ax.set_ylabel("score / accuracy / win rate (%)")
+    ax.set_title("headline metrics per run (bars: 95% CI of win rates)", fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper right")
+    if tasks:
+        ax = axes[0][1]
+        for k, name in enumerate(names):
+            ys = [results[name].get(f"lawbench {tasks_setting} {t}") for t in tasks]
+            xs = [i + (k - (len(names) - 1) / 2) * width for i in range(len(tasks))]
+            ax.bar(xs, [y or 0.0 for y in ys], width=width, color=colours[k % 10], hatch=hatches[k % len(hatches)],
+                   edgecolor="black", linewidth=0.5, label=name)
+        ax.set_xticks(range(len(tasks)))
+        ax.set_xticklabels([f"{t} {TASKS[t][1]}" for t in tasks], rotation=60, ha="right", fontsize=8)
+        ax.set_ylim(0, 100)
+        ax.set_title(f"LawBench {tasks_setting.replace('_', '-')} per task", fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(f, format="png", dpi=120)
+    plt.close(fig)
+
+
+def cmd_compare(args):
+    runs = parse_runs(args.runs)
+    results = {name: run_results(name, folder) for name, folder in runs.items()}
+    cols = compare_columns(results)
+    table = compare_markdown(results, cols)
+    atomic_write(os.path.join(args.out, "compare.md"), lambda f: f.write(table.encode("utf-8")))
+    atomic_write(os.path.join(args.out, "compare.csv"), lambda f: compare_csv(results, runs, f))
+    atomic_write(os.path.join(args.out, "compare.png"), lambda f: plot_compare(results, cols, f))
+    print(table)
+    log(f"Compared {len(runs)} run(s) on {len(cols)} headline metric(s); wrote {os.path.join(args.out, 'compare.md')}, "
+        "compare.csv, compare.png")
+    return 0
+
+
 def add_generation_flags(q, max_tokens_why):
     """The flags every generating command shares: the model, its backend, batching and retries."""
     q.add_argument("--model", required=True, help="Hugging Face model folder (e.g. out/stage2/final) or hub id; "
@@ -1877,6 +2114,17 @@ def main(argv=None):
     j.add_argument("--trust-remote-code", action="store_true", help="allow the local judge's own modelling code")
     j.add_argument("--quiet", action="store_true", help="no progress bar")
     j.set_defaults(func=cmd_judge)
+    k = sub.add_parser("compare", help="several runs' results side by side: one table (Markdown, CSV) and one chart",
+                       description="The paper's ablations side by side: each RUN is a result folder (evaluate.py "
+                       "run/score's scores.json, cmmlu's cmmlu.json, judge's winrate.json, found anywhere under it); "
+                       "LawBench averages and per task, CMMLU overall and per category, win rate with its 95%% CI, "
+                       "and InternLM-Law's published LawBench averages as reference rows. A metric a run lacks is "
+                       "an empty cell.")
+    k.add_argument("runs", nargs="+", metavar="RUN", help="a run's result folder, or NAME=FOLDER (default name: the "
+                   "folder's last component)")
+    k.add_argument("--out", default="results/compare", metavar="DIR",
+                   help="where compare.md, compare.csv and compare.png go (default %(default)s)")
+    k.set_defaults(func=cmd_compare)
     args = parser.parse_args(argv)
     if args.func is cmd_judge and not (args.predictions or args.questions):
         parser.error("judge needs --predictions DIR or --questions FILE")
