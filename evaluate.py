@@ -804,7 +804,7 @@ def score_predictions(pred_dir, setting=None, models=None, tasks=None, num_proc=
 # Output
 
 def _fmt(x, digits=2):
-    return "-" if x is None else f"{x:.{digits}f}"
+    return "-" if x is None else f"{x + 0.0:.{digits}f}"  # + 0.0: -0.0 prints as 0.00
 
 
 def markdown_tables(report):
@@ -1862,7 +1862,7 @@ def cell(value):
             return ""
         lo, hi = value["ci95"]
         return f"{100 * value['rate']:.1f}%" + ("" if lo is None else f" [{100 * lo:.1f}-{100 * hi:.1f}]")
-    return f"{value:.2f}"
+    return _fmt(value)
 
 
 def compare_markdown(results, cols):

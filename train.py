@@ -1842,7 +1842,9 @@ def main(argv=None):
     launcher = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None
 
     peak = peak_tflops(args, device)
-    bar = tqdm(total=total_steps, initial=step, disable=not master, desc=f"stage {args.stage}", dynamic_ncols=True)
+    # in a log file (SLURM, nohup) a redraw every 30 s, not ten a second: the step lines above are the record
+    bar = tqdm(total=total_steps, initial=step, disable=not master, desc=f"stage {args.stage}", dynamic_ncols=True,
+               mininterval=0.1 if sys.stderr.isatty() else 30.0)
     end = min(total_steps, step + args.stop_after) if args.stop_after else total_steps
     last_saved = step if start else -1
 

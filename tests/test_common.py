@@ -102,3 +102,39 @@ def test_log_speaks_on_rank_0_of_several_and_whenever_one_process_runs(monkeypat
             monkeypatch.setenv("WORLD_SIZE", world)
         common.log("hello")
         assert ("hello" in capsys.readouterr().err) == heard, (rank, world)
+
+
+def render_chinese(tmp_path):
+    """Draw a chart with Chinese labels; the glyph warnings matplotlib gave."""
+    import warnings
+
+    import common
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plt = common.pyplot("法条背诵")
+        fig, ax = plt.subplots()
+        ax.set_title("1-1 法条背诵 / 农学")
+        fig.savefig(tmp_path / "c.png")
+        plt.close(fig)
+    return plt.rcParams["font.family"], [w for w in caught if "missing from font" in str(w.message)]
+
+
+def test_charts_render_chinese_with_an_installed_font(tmp_path, capsys):
+    """Chart labels such as 法条背诵 or 农学 need a Chinese font behind DejaVu Sans (CI installs
+    fonts-wqy-microhei; on a machine without one the next test's path applies)."""
+    import common
+    common._CJK_WARNED.clear()
+    families, missing = render_chinese(tmp_path)
+    if not any(name in families for name in common.CJK_FONTS):
+        pytest.fail("no Chinese font installed: apt-get install fonts-wqy-microhei (or fonts-noto-cjk)")
+    assert families[0] == "DejaVu Sans" and missing == [] and capsys.readouterr().err == ""
+
+
+def test_without_a_chinese_font_charts_say_once_how_to_get_one(tmp_path, capsys, monkeypatch):
+    import common
+    common._CJK_WARNED.clear()
+    monkeypatch.setattr(common, "CJK_FONTS", ["No Such Font"])
+    families, missing = render_chinese(tmp_path)
+    families, missing_again = render_chinese(tmp_path)
+    assert families == ["DejaVu Sans"] and missing == missing_again == []  # not one warning per character
+    assert capsys.readouterr().err.count("apt-get install fonts-wqy-microhei") == 1
