@@ -37,6 +37,14 @@ judged pairwise in both orders by an LLM (local, or served: a 70B, or GPT-4 itse
         --judge-api-base https://api.openai.com/v1 --judge-api-model gpt-4 --judge-api-key-env OPENAI_API_KEY \
         --out results/judge
 
+General ability on CMMLU, prompted and scored as OpenCompass does (chat models: five dev examples as
+earlier turns, the reply's first capital letter; base models: --mode ppl), and the paper's arms
+side by side (LawBench, CMMLU, win rate, InternLM-Law's published averages):
+
+    python evaluate.py cmmlu --model out/stage2/final --cmmlu-data CMMLU/data --out predictions/internlm-law-cmmlu \
+        --results results/internlm-law/cmmlu
+    python evaluate.py compare results/two-stage results/one-stage results/merged --out results/compare
+
 Replies are at most 1024 new tokens by default: OpenCompass's max_out_len for LawBench, with which
 InternLM-Law was scored.
 
@@ -2013,7 +2021,8 @@ def add_generation_flags(q, max_tokens_why):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="LawBench evaluation, scored exactly as LawBench's official scorer.")
+    parser = argparse.ArgumentParser(description="LawBench evaluation, scored exactly as LawBench's official scorer; "
+                                     "CMMLU as OpenCompass scores it; runs compared side by side.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("score", help="score LawBench prediction files",
                        description="Score LawBench predictions (DIR/<model>/<task>.json) "
