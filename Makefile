@@ -49,7 +49,8 @@ demo: $(VENV_STAMP)
 		--limit $(DEMO_LIMIT) --judge-model $(DEMO)/train/stage2/final --max-new-tokens 32 --out $(DEMO)/judge
 
 # The paper's experiments in miniature (README, "Reproducing the paper's experiments"): the same tiny model
-# trained in five arms, each scored on the LawBench slice, the CMMLU slice and the pairwise judge, then
+# trained in five runs making four arms, each scored on the LawBench slice, the CMMLU slice and the pairwise
+# judge (the 0% arm's stage-1 model, which is no arm, judges them all), then
 # `evaluate.py compare` -> $(ABL)/compare/{compare.md,compare.csv,compare.png}. Arms:
 #   general-0     two stages, stage 1 without general data (--general-ratio 0)
 #   two-stage     two stages, 15% general data (the recipe's default): the InternLM-Law recipe
@@ -87,7 +88,7 @@ ablation-demo: $(VENV_STAMP)
 		$(PY) evaluate.py cmmlu --model $$model --cmmlu-data cmmlu_assets/data --shots 5 --max-new-tokens 8 \
 			--quiet --out $(ABL)/predictions/$$name-cmmlu --results $(ABL)/results/$$name/cmmlu >> $$log 2>&1; \
 		$(PY) evaluate.py judge --predictions $(ABL)/predictions/$$name --limit $(ABL_LIMIT) --quiet \
-			--reference lawbench_assets/sample_predictions/zero_shot/GPT4 --judge-model $(ABL)/train-g15/stage2/final \
+			--reference lawbench_assets/sample_predictions/zero_shot/GPT4 --judge-model $(ABL)/train-g0/stage1/final \
 			--max-new-tokens 32 --out $(ABL)/results/$$name/judge >> $$log 2>&1; \
 	done
 	$(PY) evaluate.py compare $(foreach arm,$(ABL_ARMS),$(ABL)/results/$(firstword $(subst =, ,$(arm)))) \

@@ -1014,13 +1014,14 @@ def cmd_generate(args):
     return generate_predictions(args, jobs, args.setting, set(TASKS))
 
 
-def generate_predictions(args, jobs, setting, known, reply_fn=None):
+def generate_predictions(args, jobs, setting, known, reply_fn=None, decoding="greedy"):
     """The prediction folder --out for jobs {task: (prompts, answers)}: <task>.json per task in
     LawBench's (and OpenCompass's) layout, generated in-process (torchrun-sharded) or through
     --api-base. Resumable item by item; refuses a folder made by other weights, another setting
     (`setting` names the benchmark too) or another reply length. `known`: the task file names of
-    this benchmark, to recognise a folder of unknown origin. reply_fn(model, tok, stop_ids) -> the
-    local reply function (default: greedy generation)."""
+    this benchmark, to recognise a folder of unknown origin. reply_fn(model, tok, stop_ids, args) ->
+    the local reply function (default: greedy generation); `decoding` names it in the folder's
+    record ("perplexity" has no reply length)."""
     from tqdm import tqdm
     api = bool(args.api_base)
     rank, world, device, barrier, total = setup_ranks(api)
@@ -1040,7 +1041,8 @@ def generate_predictions(args, jobs, setting, known, reply_fn=None):
                                   "(or stop it: a rerun resumes), or use another --out")
     partial_dir = os.path.join(args.out, ".partial")
     meta = {"model": args.model, "fingerprint": model_fingerprint(args.model, args.api_base), "setting": setting,
-            "max_new_tokens": args.max_new_tokens, "decoding": "greedy", **backend}
+            "max_new_tokens": args.max_new_tokens if decoding == "greedy" else None, "decoding": decoding,
+            **backend}
     meta_path = os.path.join(args.out, ".generation.json")
     old_tasks = {}
     if os.path.exists(meta_path):
@@ -1328,32 +1330,37 @@ def first_capital(text):
 def perplexity_choices(model, tok, stop_ids, args):
     """The local reply function of --mode ppl: for each item the label whose candidate text has the
     lowest perplexity, OpenCompass's PPLInferencer with HuggingFaceBaseModel.get_ppl: the summed
-    next-token loss of the whole text divided by its number of tokens."""
+    next-token loss of the whole text divided by its number of tokens. --batch-size counts
+    sequences here (4 per question): the logits of a batch are [sequences x length x vocabulary],
+    12 GB in fp32 for 32 sequences of 1,000 tokens at InternLM2's 92,544, so the loss is taken one
+    sequence at a time."""
     import torch
     limit = getattr(model.config, "max_position_embeddings", None)
+    per_batch = max(1, args.batch_size // len(CMMLU_LABELS))
 
     def replies(prompts, todo, on_batch):
         truncated = 0
-        for k in range(0, len(todo), args.batch_size):
-            batch = todo[k:k + args.batch_size]
+        for k in range(0, len(todo), per_batch):
+            batch = todo[k:k + per_batch]
             rows = []
             for i in batch:
+                cut = False
                 for label in CMMLU_LABELS:
                     ids = tok(prompts[i][label])["input_ids"]
                     if limit and len(ids) > limit:  # keep the end: the question and the candidate
-                        ids, truncated = ids[-limit:], truncated + 1
+                        ids, cut = ids[-limit:], True
                     rows.append(ids)
+                truncated += cut
             width = max(map(len, rows))
             pad = tok.pad_token_id if tok.pad_token_id is not None else 0
             input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=model.device)
             mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=model.device)
             with torch.no_grad():
-                logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits.float()
-            losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), input_ids[:, 1:],
-                                                       reduction="none") * mask[:, 1:]
-            ppl = (losses.sum(1) / mask.sum(1)).view(len(batch), len(CMMLU_LABELS)).tolist()
-            on_batch([(i, CMMLU_LABELS[min(range(len(CMMLU_LABELS)), key=row.__getitem__)])
-                      for i, row in zip(batch, ppl, strict=True)])
+                logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
+                ppl = [(torch.nn.functional.cross_entropy(logits[j, :-1].float(), input_ids[j, 1:], reduction="none")
+                        * mask[j, 1:]).sum().item() / mask[j].sum().item() for j in range(len(rows))]
+            n = len(CMMLU_LABELS)
+            on_batch([(i, CMMLU_LABELS[min(range(n), key=lambda c, b=b: ppl[b * n + c])]) for b, i in enumerate(batch)])
         return truncated
     return replies
 
@@ -1369,13 +1376,14 @@ def read_cmmlu_predictions(path):
     return rows
 
 
-def score_cmmlu(pred_dir):
+def score_cmmlu(pred_dir, only=None):
     """Accuracy (0-100) per subject, per category and overall from a prediction folder of
-    `evaluate.py cmmlu` (<subject>.json), the answer of each reply taken by first_capital."""
+    `evaluate.py cmmlu` (<subject>.json; `only` these subjects), the answer of each reply taken by
+    first_capital."""
     meta_path = os.path.join(pred_dir, ".generation.json")
     meta = json.load(open(meta_path, encoding="utf-8")) if os.path.exists(meta_path) else {}
     subjects = {}
-    for s in CMMLU_SUBJECTS:
+    for s in only or CMMLU_SUBJECTS:
         path = os.path.join(pred_dir, f"{s}.json")
         if not os.path.isfile(path):
             continue
@@ -1467,11 +1475,13 @@ def cmd_cmmlu(args):
     jobs = {s: ([build(s, item, dev[:args.shots]) for item in test], [item["answer"] for item in test])
             for s, (dev, test) in data.items()}
     setting = f"cmmlu_{args.shots}shot_{args.mode}"
-    rc = generate_predictions(args, jobs, setting, set(CMMLU_SUBJECTS),
-                              reply_fn=perplexity_choices if args.mode == "ppl" else None)
+    if args.mode == "ppl":
+        rc = generate_predictions(args, jobs, setting, set(CMMLU_SUBJECTS), perplexity_choices, "perplexity")
+    else:
+        rc = generate_predictions(args, jobs, setting, set(CMMLU_SUBJECTS))
     if rc or int(os.environ.get("RANK", 0)) != 0:  # under torchrun, rank 0 scores
         return rc
-    report = score_cmmlu(args.out)
+    report = score_cmmlu(args.out, subjects)  # this run's subjects only, not others an earlier run left
     results = args.results or os.path.join("results", os.path.basename(os.path.normpath(args.out)))
     write_json(os.path.join(results, "cmmlu.json"), report)
     atomic_write(os.path.join(results, "cmmlu.csv"), lambda f: cmmlu_csv(report, f))
@@ -1775,7 +1785,8 @@ def parse_runs(specs):
     NAME=FOLDER. Two runs with one name, a missing folder: stop, naming them."""
     runs = {}
     for spec in specs:
-        name, _, folder = spec.rpartition("=") if "=" in spec else ("", "", spec)
+        # a folder whose path holds "=" (results/lr=3e-3) is a folder; otherwise NAME=FOLDER splits at the first "="
+        name, _, folder = ("", "", spec) if os.path.isdir(spec) or "=" not in spec else spec.partition("=")
         name = name or os.path.basename(os.path.normpath(folder))
         if not os.path.isdir(folder):
             fail(f"{folder}: no such run folder")
@@ -1794,6 +1805,16 @@ def pick_model(path, models, run):
         return run
     fail(f"{path} holds {len(models)} models ({', '.join(models)}) and none is named {run!r}: score the run's "
          "own predictions into its folder, or name the run after its model (NAME=FOLDER)")
+
+
+def lawbench_setting_of(pred_folder):
+    """The LawBench setting a prediction folder was generated with (its .generation.json), or None."""
+    try:
+        with open(os.path.join(pred_folder, ".generation.json"), encoding="utf-8") as f:
+            setting = json.load(f).get("setting")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return setting if setting in ("zero_shot", "one_shot") else None
 
 
 def run_results(name, folder):
@@ -1819,7 +1840,10 @@ def run_results(name, folder):
                     data = json.load(f)
                 if fname == "scores.json":
                     entry = data["models"][pick_model(path, data["models"], name)]
-                    setting = data.get("setting") or "unknown_setting"
+                    setting = data.get("setting") or lawbench_setting_of(entry["folder"])
+                    if setting is None:
+                        fail(f"{path}: scored without --setting, and {entry['folder']} does not record one; score "
+                             "it again with --setting zero_shot or one_shot")
                     put(f"lawbench {setting}", entry["averages"]["overall"], path)
                     for task, r in entry["tasks"].items():
                         put(f"lawbench {setting} {task}", r["score"], path)
@@ -2076,7 +2100,7 @@ def main(argv=None):
                    help="examples from dev before each question, 0-5 (default %(default)s, OpenCompass's)")
     c.add_argument("--mode", choices=["gen", "ppl"], default="gen",
                    help="gen: chat models answer (default); ppl: base models, the candidate with the lowest "
-                        "perplexity (in-process only)")
+                        "perplexity (in-process only; --batch-size then counts sequences, 4 per question)")
     c.add_argument("--out", required=True, metavar="DIR",
                    help="prediction folder: DIR/<subject>.json, OpenCompass's layout (resumable)")
     c.add_argument("--results", default=None, metavar="DIR",

@@ -1069,16 +1069,17 @@ def parse_args(argv=None):
                    "stage 1's and stage 2's data shuffled together into one run from the base model "
                    "(into <out-dir>/merged/)")
     p.add_argument("--model", help="starting weights (HF folder or hub id). Default: internlm/internlm2-chat-7b for "
-                   "stage 1, <out-dir>/stage1/final for stage 2. InternLM2 checkpoints are converted to the Llama "
-                   "layout first (into <out-dir>/base-llama). A config .json (e.g. demo_data/tiny_llama.json) "
-                   "starts from random init, sized to the tokenizer")
+                   "stage 1 and merged, <out-dir>/stage1/final for stage 2. InternLM2 checkpoints are converted to "
+                   "the Llama layout first (into <out-dir>/base-llama). A config .json "
+                   "(e.g. demo_data/tiny_llama.json) starts from random init, sized to the tokenizer")
     p.add_argument("--data", default="data/processed", help="prepare_data.py output folder holding stage1/, stage2/ "
                    "and tokenizer/ (default %(default)s)")
     p.add_argument("--cpt-data", help="continued pre-training instead of SFT: raw text files (glob; .txt = one "
                    "document per blank-line-separated block, .jsonl/.json = a 'text' field), every token trained, "
                    "documents longer than --max-len split into --max-len pieces. Uses --data's tokenizer/ if present, "
                    "else the model's")
-    p.add_argument("--out-dir", default="out", help="runs go to <out-dir>/stage<N>/ (default %(default)s)")
+    p.add_argument("--out-dir", default="out", help="runs go to <out-dir>/stage<N>/ (or <out-dir>/merged/; "
+                   "default %(default)s)")
     p.add_argument("--max-len", type=int, default=32768,
                    help="tokens per packed sequence (default %(default)s, as the paper)")
     p.add_argument("--oversize", choices=["drop", "truncate"], default="drop",
@@ -1435,8 +1436,8 @@ def init_from_config(cfg_path, tokenizer, seed, dst):
 
 
 def resolve_model(args, tok_dir, master):
-    """The weights to start from, as a local folder: --model, else InternLM2-Chat-7B (stage 1) or
-    stage 1's final weights (stage 2). A hub id is downloaded; an InternLM2 checkpoint is
+    """The weights to start from, as a local folder: --model, else InternLM2-Chat-7B (stage 1 and
+    merged) or stage 1's final weights (stage 2). A hub id is downloaded; an InternLM2 checkpoint is
     converted once to the Llama layout; a config .json is initialised once (rank 0 writes, the
     others wait)."""
     model_path = args.model or ("internlm/internlm2-chat-7b" if args.stage != 2  # stage 1, merged: the base model
@@ -1523,7 +1524,11 @@ def load_stage_data(args, tokenizer):
         if len(parts) > 1:  # merged: one dataset; the packer shuffles the two stages' samples together
             from datasets import concatenate_datasets
             columns = ["input_ids", "labels", "length"]
-            ds = concatenate_datasets([p.select_columns(columns) for p in parts])
+            try:
+                ds = concatenate_datasets([p.select_columns(columns) for p in parts])
+            except ValueError as exc:  # e.g. other integer types: datasets made by different tools
+                fail(f"{' and '.join(stage_data_dirs(args))} cannot be trained as one dataset ({exc}); write both "
+                     "with one prepare_data.py run")
             extra_counts = {f"rows_{os.path.basename(p)}": len(d) for p, d in zip(stage_data_dirs(args), parts,
                                                                                  strict=True)}
         data_name = " + ".join(stage_data_dirs(args))

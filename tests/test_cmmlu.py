@@ -181,6 +181,9 @@ def test_generation_writes_opencompass_layout_scores_and_resumes(tmp_path, tiny,
     assert cmmlu(tiny, out, "--subjects", "agronomy,college_law", "--shots", "2") == 0
     assert (out / "agronomy.json").read_bytes() == before
     assert "Generated 0 new predictions (6 resumed)" in capsys.readouterr().err
+    # a run over fewer subjects into the same folder scores only its own
+    assert cmmlu(tiny, out, "--subjects", "agronomy", "--shots", "2") == 0
+    assert list(json.load(open(str(out) + "-results/cmmlu.json"))["subjects"]) == ["agronomy"]
     # another number of shots into the same folder is refused: the predictions would mix
     with pytest.raises(SystemExit, match="cmmlu_2shot_gen"):
         cmmlu(tiny, out, "--subjects", "agronomy,college_law", "--shots", "5")
@@ -190,7 +193,8 @@ def test_generation_writes_opencompass_layout_scores_and_resumes(tmp_path, tiny,
 def test_perplexity_mode_picks_the_candidate_with_the_lowest_mean_token_loss(tmp_path, tiny):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     out = tmp_path / "ppl"
-    assert cmmlu(tiny, out, "--subjects", "anatomy", "--mode", "ppl", "--shots", "1", "--batch-size", "2") == 0
+    # 8 sequences per batch: two questions' candidates, padded to one width
+    assert cmmlu(tiny, out, "--subjects", "anatomy", "--mode", "ppl", "--shots", "1", "--batch-size", "8") == 0
     preds = json.load(open(out / "anatomy.json", encoding="utf-8"))
     # independently: transformers' own loss (mean over the n-1 predicted tokens) of each whole text
     model, tok = AutoModelForCausalLM.from_pretrained(tiny), AutoTokenizer.from_pretrained(tiny)
@@ -203,6 +207,10 @@ def test_perplexity_mode_picks_the_candidate_with_the_lowest_mean_token_loss(tmp
                 losses[label] = model(input_ids=ids, labels=ids).loss.item() * (ids.shape[1] - 1) / ids.shape[1]
         assert preds[str(i)]["prediction"] == min(losses, key=losses.get)
         assert set(preds[str(i)]["origin_prompt"]) == set("ABCD")
+    meta = json.load(open(out / ".generation.json"))
+    assert meta["decoding"] == "perplexity" and meta["max_new_tokens"] is None
+    # a rerun with another reply length resumes: perplexity has none
+    assert cmmlu(tiny, out, "--subjects", "anatomy", "--mode", "ppl", "--shots", "1", "--max-new-tokens", "99") == 0
 
 
 def test_perplexity_mode_refuses_a_server():

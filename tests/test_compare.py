@@ -113,3 +113,22 @@ def test_bad_run_folders_stop_with_a_line_naming_them(tmp_path):
     (broken / "winrate.json").write_text("{}")
     with pytest.raises(SystemExit, match="winrate.json: not a result file"):
         evaluate.main(["compare", str(broken), "--out", str(tmp_path / "o")])
+
+
+def test_a_lawbench_score_without_setting_takes_it_from_the_predictions_or_says_how_to_fix_it(tmp_path):
+    preds = tmp_path / "preds" / "arm"
+    os.makedirs(preds)
+    for name in ("1-2.json", "3-6.json"):
+        with open(os.path.join(SAMPLE, "zero_shot", "GPT4", name), encoding="utf-8") as f:
+            (preds / name).write_text(f.read(), encoding="utf-8")
+    run = tmp_path / "runs" / "lr=3e-3"  # a folder name with "=" in it is still one folder
+    assert evaluate.main(["score", "--predictions", str(preds), "--out", str(run / "lawbench"), "--quiet",
+                          "--num-proc", "1"]) == 0
+    assert json.load(open(run / "lawbench" / "scores.json"))["setting"] is None
+    with pytest.raises(SystemExit, match="scored without --setting"):
+        evaluate.main(["compare", str(run), "--out", str(tmp_path / "o")])
+    (preds / ".generation.json").write_text(json.dumps({"setting": "one_shot"}))  # as evaluate.py generate writes
+    assert evaluate.main(["compare", str(run), f"again={run}", "--out", str(tmp_path / "o")]) == 0
+    lines = list(csv.DictReader(open(tmp_path / "o" / "compare.csv", encoding="utf-8")))
+    assert {r["run"] for r in lines if r["metric"] == "lawbench one_shot"} == {
+        "lr=3e-3", "again", "InternLM-Law-7B (paper)", "InternLM2-Chat-7B (paper)"}
