@@ -1515,7 +1515,7 @@ def load_stage_data(args, tokenizer):
                 empty = not json.load(f).get("_data_files")  # datasets cannot load a saved dataset of 0 rows
             ds = None if empty else load_from_disk(part)
             if empty or not len(ds):
-                fail(f"{part} has no rows: prepare_data.py kept no record for {os.path.basename(part)} (its "
+                fail(f"{part} has no rows: prepare_data.py kept no record for stage {os.path.basename(part)[5:]} (its "
                      f"{os.path.join(args.data, 'report.md')} says why; stage 2 takes high_quality sources only, or "
                      "others graded by --judge-model)")
             check_schema(ds, part)
