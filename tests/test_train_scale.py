@@ -86,6 +86,11 @@ def test_stage1_then_stage2_under_torchrun_with_zero3(tmp_path, demo_prepared, t
             assert rec[k] is not None and rec[k] > 0, k
     assert open(s1 / "checkpoints" / "latest").read() == "step-0000006"
     assert {"step-0000003", "step-0000006"} <= set(os.listdir(s1 / "checkpoints"))
+    # the manifest holds every rank's DeepSpeed shards, each with the size and sha256 of the file on disk
+    ckpt = s1 / "checkpoints" / "step-0000006"
+    manifest = json.load(open(ckpt / "manifest.json"))
+    names = train.checkpoint_files(str(ckpt))
+    assert sum("optim_states" in n for n in names) == 2 and manifest["files"] == train.file_digests(str(ckpt), names)
     # stage 2 starts from stage 1's final weights (by default), on stage-2 data
     cfg2 = json.load(open(s2 / "train_config.json"))
     assert cfg2["model_resolved"] == str(s1 / "final")
