@@ -1051,8 +1051,7 @@ def generate_predictions(args, jobs, setting, known, reply_fn=None, decoding="gr
         diff = [k for k in ("fingerprint", "setting", "max_new_tokens") if old.get(k) != meta[k]]
         if diff:
             fail(f"{args.out} holds predictions made with other {', '.join(diff)} "
-                             f"({old.get('model')}, {old.get('setting')}); use another --out, or delete it to "
-                             "start over")
+                 f"({old.get('model')}, {old.get('setting')}); use another --out, or delete it to start over")
     elif os.path.isdir(args.out):
         existing = [n for n in os.listdir(args.out) if n.endswith(".json") and n[:-5] in known]
         if existing or os.path.isdir(partial_dir):
@@ -1130,11 +1129,15 @@ def cmd_run(args):
     rc = cmd_generate(args)
     if rc or int(os.environ.get("RANK", 0)) != 0:  # under torchrun, rank 0 scores
         return rc
-    predictions = args.out
-    results = args.results or os.path.join("results", os.path.basename(os.path.normpath(predictions)))
     # cmd_score reads its own flags: --predictions is what was just generated, --out its results
-    score_args = argparse.Namespace(**{**vars(args), "predictions": predictions, "models": None, "out": results})
+    score_args = argparse.Namespace(**{**vars(args), "predictions": args.out, "models": None,
+                                       "out": results_folder(args)})
     return cmd_score(score_args)
+
+
+def results_folder(args):
+    """--results, else results/<name of the prediction folder --out>."""
+    return args.results or os.path.join("results", os.path.basename(os.path.normpath(args.out)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1482,7 +1485,7 @@ def cmd_cmmlu(args):
     if rc or int(os.environ.get("RANK", 0)) != 0:  # under torchrun, rank 0 scores
         return rc
     report = score_cmmlu(args.out, subjects)  # this run's subjects only, not others an earlier run left
-    results = args.results or os.path.join("results", os.path.basename(os.path.normpath(args.out)))
+    results = results_folder(args)
     write_json(os.path.join(results, "cmmlu.json"), report)
     atomic_write(os.path.join(results, "cmmlu.csv"), lambda f: cmmlu_csv(report, f))
     atomic_write(os.path.join(results, "cmmlu.png"), lambda f: plot_cmmlu(report, f))
@@ -1594,7 +1597,7 @@ def judge_questions(args):
         ref = args.reference
         if ref not in answers:
             fail(f"--reference {ref}: no answers by that name in {args.questions} "
-                             f"(names: {', '.join(sorted(answers))})")
+                 f"(names: {', '.join(sorted(answers))})")
         questions = questions[:args.limit] if args.limit else questions
         return questions, answers, ref
     models = find_models(args.predictions, args.setting)
@@ -1604,7 +1607,7 @@ def judge_questions(args):
         ref, ref_dir = args.reference, models[args.reference]
     else:
         fail(f"--reference {args.reference}: neither a folder nor a model in {args.predictions} "
-                         f"(models: {', '.join(models) or 'none'})")
+             f"(models: {', '.join(models) or 'none'})")
     models = {m: d for m, d in models.items() if m != ref}
     if not models:
         fail(f"no model to compare with {ref} in {args.predictions}")
@@ -1629,7 +1632,7 @@ def judge_questions(args):
                 model_prompt, ref_prompt = items[k]["prompt"].strip(), ref_items[k]["prompt"].strip()
                 if model_prompt and ref_prompt and model_prompt not in ref_prompt and ref_prompt not in model_prompt:
                     fail(f"{m}/{task}.json item {k} asks another question than {ref}'s: "
-                                     "the two were generated from different LawBench data")
+                         "the two were generated from different LawBench data")
                 if model_prompt and (not plain.get(k) or len(model_prompt) < len(plain[k])):
                     plain[k] = model_prompt
                 answers.setdefault(m, {})[f"{task}/{k}"] = items[k]["prediction"]
@@ -1820,7 +1823,8 @@ def lawbench_setting_of(pred_folder):
 def run_results(name, folder):
     """{metric key: value} of one run: every LawBench scores.json, CMMLU cmmlu.json and judge
     winrate.json under its folder. Keys: "lawbench <setting>" (AVG) and "lawbench <setting> <task>",
-    "cmmlu <setting>" and "cmmlu <setting> <category>", "winrate <reference>" (with "ci95")."""
+    "cmmlu <setting>" and "cmmlu <setting> <category>", "winrate <reference>" ({rate, ci95, n}, in %
+    like every other value)."""
     found, origin = {}, {}
 
     def put(key, value, path):
@@ -1853,8 +1857,8 @@ def run_results(name, folder):
                         put(f"cmmlu {data['setting']} {cat}", r["accuracy"], path)
                 else:
                     r = data["models"][pick_model(path, data["models"], name)]
-                    put(f"winrate {data['reference']}", {"rate": r["win_rate"], "ci95": r["win_rate_ci95"],
-                                                         "n": r["n"]}, path)
+                    pct = [None if x is None else 100 * x for x in (r["win_rate"], *r["win_rate_ci95"])]
+                    put(f"winrate {data['reference']}", {"rate": pct[0], "ci95": pct[1:], "n": r["n"]}, path)
             except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
                 fail(f"{path}: not a result file of evaluate.py ({type(exc).__name__}: {exc})")
     if not found:
@@ -1893,7 +1897,7 @@ def cell(value):
         if value["rate"] is None:
             return ""
         lo, hi = value["ci95"]
-        return f"{100 * value['rate']:.1f}%" + ("" if lo is None else f" [{100 * lo:.1f}-{100 * hi:.1f}]")
+        return f"{value['rate']:.1f}%" + ("" if lo is None else f" [{lo:.1f}-{hi:.1f}]")
     return _fmt(value)
 
 
@@ -1935,9 +1939,8 @@ def compare_csv(results, runs, f):
         for key, value in sorted(r.items()):
             if isinstance(value, dict):
                 lo, hi = value["ci95"]
-                w.writerow([name, runs.get(name, "published"), key, "" if value["rate"] is None else
-                            repr(100 * value["rate"]), "" if lo is None else repr(100 * lo),
-                            "" if hi is None else repr(100 * hi), value["n"]])
+                w.writerow([name, runs.get(name, "published"), key, *("" if x is None else repr(x)
+                                                                      for x in (value["rate"], lo, hi)), value["n"]])
             else:
                 w.writerow([name, runs.get(name, "published"), key, "" if value is None else repr(value), "", "", ""])
     f.write(buf.getvalue().encode("utf-8"))
@@ -1964,9 +1967,8 @@ def plot_compare(results, cols, f):
             v = results[name].get(c)
             if v is None or (isinstance(v, dict) and v["rate"] is None):
                 continue
-            y = 100 * v["rate"] if isinstance(v, dict) else v
-            lo, hi = (100 * v["ci95"][0], 100 * v["ci95"][1]) if isinstance(v, dict) and v["ci95"][0] is not None \
-                else (y, y)
+            y = v["rate"] if isinstance(v, dict) else v
+            lo, hi = v["ci95"] if isinstance(v, dict) and v["ci95"][0] is not None else (y, y)
             xs.append(i + (k - (len(names) - 1) / 2) * width)
             ys.append(y)
             err[0].append(y - lo)

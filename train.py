@@ -526,7 +526,7 @@ def convert_internlm2_tokenizer(src, dst, vocab_size, trust_remote_code=False):
             tok.save_pretrained(dst)
             return tok
         fail(f"{src} has no tokenizer.model (InternLM2's sentencepiece tokenizer) nor tokenizer.json; "
-                 "copy the model's tokenizer files into it")
+             "copy the model's tokenizer files into it")
     try:
         import sentencepiece
         from sentencepiece import sentencepiece_model_pb2
@@ -576,7 +576,7 @@ def convert_internlm2_tokenizer(src, dst, vocab_size, trust_remote_code=False):
                 [("InternLM2Tokenizer", original(text)["input_ids"])] if original is not None else []):
             if ours != expected:
                 fail(f"the converted tokenizer of {src} does not encode like {name} (text "
-                         f"{text[:30]!r}...: {ours[:8]} vs {expected[:8]}); please report it with the tokenizer files")
+                     f"{text[:30]!r}...: {ours[:8]} vs {expected[:8]}); please report it with the tokenizer files")
     return reloaded
 
 
@@ -640,13 +640,13 @@ def pick_attention(requested, device, max_len):
             import flash_attn  # noqa: F401
             return "flash_attention_2"
         fail(f"no attention kernel that reads sample boundaries on this GPU: PyTorch {torch.__version__} "
-                 f"has no torch.nn.attention.varlen (torch >= 2.10 on an Ampere or newer GPU) and flash_attn is not "
-                 f"installed. Upgrade torch, or pip install flash-attn --no-build-isolation, or pass --attn sdpa to "
-                 f"accept a dense [{max_len} x {max_len}] mask per pack and full-square attention")
+             f"has no torch.nn.attention.varlen (torch >= 2.10 on an Ampere or newer GPU) and flash_attn is not "
+             f"installed. Upgrade torch, or pip install flash-attn --no-build-isolation, or pass --attn sdpa to "
+             f"accept a dense [{max_len} x {max_len}] mask per pack and full-square attention")
     if requested == "varlen" and not torch_has_varlen(device):
         fail(f"--attn varlen needs PyTorch's varlen kernel (torch >= 2.10, an Ampere or newer NVIDIA GPU); "
-                 f"this is torch {torch.__version__} on {device.type}. --attn varlen_reference runs the same code path "
-                 f"with a per-sample sdpa kernel anywhere")
+             f"this is torch {torch.__version__} on {device.type}. --attn varlen_reference runs the same code path "
+             f"with a per-sample sdpa kernel anywhere")
     if requested.startswith("flash"):
         try:
             import flash_attn  # noqa: F401
@@ -898,8 +898,8 @@ def checkpoint_to_resume(ckpt_root, rank, world):
         log(f"warning: skipping checkpoint {d}: {reason}")
     if found:
         fail(f"no checkpoint in {ckpt_root} verifies ({len(found)} found, reasons above); not starting "
-                 "afresh over them. Resume one by hand with --resume PATH after repairing it, or start over with "
-                 "--resume none (which deletes them)")
+             "afresh over them. Resume one by hand with --resume PATH after repairing it, or start over with "
+             "--resume none (which deletes them)")
     return None
 
 
@@ -963,8 +963,8 @@ def save_checkpoint(ckpt_root, step, engine, model, opt, sched, rank, keep, worl
         barrier()
         previous = latest_checkpoint(ckpt_root)
         fail(f"saving checkpoint {tag} failed ({error or 'on another rank'}); the previous checkpoint "
-                 f"{previous or '(none)'} is intact and `latest` still names it. Fix the cause and run the same "
-                 "command again to resume from it")
+             f"{previous or '(none)'} is intact and `latest` still names it. Fix the cause and run the same "
+             "command again to resume from it")
     barrier()
     if rank == 0:
         final = os.path.join(ckpt_root, tag)
@@ -1364,7 +1364,7 @@ def check_inputs(args):
     has_tok = os.path.isdir(tok_dir)
     if has_tok and not any(os.path.isfile(os.path.join(tok_dir, f)) for f in TOKENIZER_FILES):
         fail(f"{tok_dir} has no tokenizer files ({', '.join(TOKENIZER_FILES)}): an interrupted copy? "
-                 f"run prepare_data.py --out {args.data} again")
+             f"run prepare_data.py --out {args.data} again")
     if model is None:
         return tok_dir if has_tok else None
     if model.endswith(".json"):
@@ -1372,13 +1372,13 @@ def check_inputs(args):
             fail(f"--model {model}: no such config file")
         if not has_tok:
             fail(f"--model {model} is a bare config (random init), which has no tokenizer: expected "
-                     f"prepare_data.py's {tok_dir} (pass --data)")
+                 f"prepare_data.py's {tok_dir} (pass --data)")
     elif os.path.isdir(model):
         if not os.path.isfile(os.path.join(model, "config.json")):
             fail(f"--model {model} has no config.json: not a Hugging Face model folder")
         if not has_tok and not any(os.path.isfile(os.path.join(model, f)) for f in TOKENIZER_FILES):
             fail(f"no tokenizer: neither {tok_dir} nor --model {model} has tokenizer files "
-                     f"({', '.join(TOKENIZER_FILES)})")
+                 f"({', '.join(TOKENIZER_FILES)})")
     elif os.path.exists(model) or not HUB_ID.match(model):
         fail(f"--model {model}: no such folder (nor a hub id like internlm/internlm2-chat-7b)")
     return tok_dir if has_tok else None
@@ -1395,7 +1395,7 @@ def hub_snapshot(repo_id):
         except Exception as e:  # offline, unknown repo, gated, ...: one line, not a traceback
             reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
             fail(f"--model {repo_id} is not a local folder, and fetching it from the Hugging Face hub "
-                     f"failed ({type(e).__name__}: {reason}); pass the path of a downloaded model folder")
+                 f"failed ({type(e).__name__}: {reason}); pass the path of a downloaded model folder")
 
     local_rank0 = int(os.environ.get("LOCAL_RANK", 0)) == 0
     if local_rank0:
@@ -1444,7 +1444,7 @@ def resolve_model(args, tok_dir, master):
                                 else os.path.join(args.out_dir, "stage1", "final"))
     if args.stage == 2 and args.model is None and not os.path.isdir(model_path):
         fail(f"stage 2 starts from stage 1's weights, but {model_path} does not exist "
-                 "(run --stage 1 first, or pass --model)")
+             "(run --stage 1 first, or pass --model)")
     if model_path.endswith(".json"):
         from transformers import AutoTokenizer
         init = os.path.join(args.out_dir, run_name(args.stage), "init")
@@ -1490,7 +1490,7 @@ def check_schema(ds, name):
     missing = [c for c in need if c not in schema.names]
     if missing:
         fail(f"{name} has no {', '.join(missing)} column(s) (it has {', '.join(schema.names)}): "
-                 "train.py reads prepare_data.py's output (input_ids, labels -100 outside the replies, length)")
+             "train.py reads prepare_data.py's output (input_ids, labels -100 outside the replies, length)")
     for col, kind in need.items():
         t = schema.field(col).type
         ok = (pa.types.is_integer(t.value_type) if pa.types.is_list(t) or pa.types.is_large_list(t) else False) \
@@ -1508,9 +1508,7 @@ def load_stage_data(args, tokenizer):
         data_name = args.cpt_data
     else:
         parts = []
-        for part in stage_data_dirs(args):
-            if not os.path.isdir(part):
-                fail(f"{part} not found: run prepare_data.py --out {args.data} first")
+        for part in stage_data_dirs(args):  # check_inputs has found each, with its state.json
             with open(os.path.join(part, "state.json")) as f:
                 empty = not json.load(f).get("_data_files")  # datasets cannot load a saved dataset of 0 rows
             ds = None if empty else load_from_disk(part)
@@ -1603,7 +1601,7 @@ def compare_settings(saved, config, start, step):
     if refused:
         said = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in refused.items())
         fail(f"{start} belongs to a run with other settings ({said}). These define the run and cannot "
-                 "change mid-run: resume with the same ones, or start afresh with --resume none (or another --out-dir)")
+             "change mid-run: resume with the same ones, or start afresh with --resume none (or another --out-dir)")
     return [{"setting": k, "old": saved.get(k), "new": config[k], "from_step": step + 1} for k in sorted(RESUME_APPLIED)
             if k in saved and saved[k] != config[k]]
 
